@@ -1,0 +1,96 @@
+"""Base classes of the balancers: loss-level and gradient-level.
+
+A balancer is a ``torch.nn.Module`` so that learnable weights (uncertainty, IMTL-L,
+GradNorm) are ordinary parameters for the user's optimizer, running statistics are
+buffers, and ``state_dict()`` / ``.to(device)`` work without extra code. The math lives in
+pure functions (``lossbalance.functional``); these classes hold hyperparameters and state.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+
+class Balancer(nn.Module):
+    """Common base of every balancing method.
+
+    Attributes:
+        num_terms: K, the number of loss terms (fixed at construction).
+        last_weights: the weights applied at the last step, shape ``(K,)``, detached;
+            ``None`` before the first step. For a loss-level method these are
+            d(combined loss)/d(L_i); for a gradient-level method the coefficients alpha_i
+            such that the shared gradient written is sum_i alpha_i g_i.
+    """
+
+    kind: ClassVar[Literal["loss", "gradient"]]
+    last_weights: Tensor | None
+
+    def __init__(self, num_terms: int) -> None:
+        super().__init__()
+        if isinstance(num_terms, bool) or not isinstance(num_terms, int) or num_terms < 1:
+            raise ValueError(f"Invalid num_terms: {num_terms!r} (expected an integer >= 1)")
+        self.num_terms = num_terms
+        self.last_weights = None
+
+    def _check_terms(self, losses: Tensor) -> None:
+        if losses.dim() != 1 or losses.shape[0] != self.num_terms:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.num_terms} loss terms, "
+                f"got losses of shape {tuple(losses.shape)}"
+            )
+
+    def _record(self, weights: Tensor) -> Tensor:
+        self.last_weights = weights.detach().clone()
+        return weights
+
+
+class LossBalancer(Balancer):
+    """A method that needs only the loss values.
+
+    ``forward(losses)`` takes the K losses stacked in a 1-D tensor (differentiable) and
+    returns the combined scalar loss to call ``backward()`` on. It records
+    ``last_weights`` = d(combined)/d(L_i) at the given losses.
+    """
+
+    kind = "loss"
+
+    def forward(self, losses: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GradientBalancer(Balancer):
+    """A method that needs the per-term gradients of the shared parameters.
+
+    Every gradient-level method here is a *weighting*: it maps the K x K Gramian
+    ``G G^T`` of the per-term gradients (rows of G) to coefficients alpha, and the shared
+    parameters receive ``sum_i alpha_i g_i``. The engine (``lossbalance.backward``) builds
+    the Gramian in exact, feature or Gramian-only mode and writes ``.grad``.
+
+    Subclasses implement ``weights(gramian, losses)``. ``transform(losses)`` maps the raw
+    losses to the per-term losses whose gradients are balanced (identity by default;
+    hybrid IMTL scales them by IMTL-L first). Task-specific parameters receive the
+    gradient of ``transform(losses).sum()``.
+    """
+
+    kind = "gradient"
+
+    def transform(self, losses: Tensor) -> Tensor:
+        return losses
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        """Alias of :meth:`weights`, so a gradient balancer can be called like a module."""
+        return self.weights(gramian, losses)
+
+
+def gramian(matrix: Tensor) -> Tensor:
+    """``G G^T`` of a K x P matrix, accumulated in float64 for accuracy on tiny K."""
+    if matrix.dim() != 2:
+        raise ValueError(f"expected a K x P gradient matrix, got shape {tuple(matrix.shape)}")
+    m = matrix.to(torch.float64)
+    return m @ m.T
