@@ -1,0 +1,795 @@
+"""MTAdam: Adam that balances the terms of a multi-term loss (Malkiel & Wolf 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lossbalance._engine import GRAD_MODES, term_grads
+from lossbalance._registry import MethodInfo, register
+from lossbalance._validation import (
+    as_loss_list,
+    check_beta,
+    check_choice,
+    check_nonneg,
+    warn_once,
+)
+
+__all__ = ["MTAdam", "mtadam"]
+
+GROUPINGS = ("parameter", "module", "global")
+NORMALIZATIONS = ("anchor", "unit", "none")
+SECOND_MOMENTS = ("max", "own", "mean")
+MAGNITUDE_INITS = ("first", "one")
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+class MTAdam(Optimizer):
+    r"""Adam that balances the terms of a multi-term loss per layer (MTAdam).
+
+    Malkiel & Wolf, "MTAdam: Automatic Balancing of Multiple Training Loss Terms",
+    arXiv 2006.14683 (2020), Algorithm 1. At step :math:`t`, for terms
+    :math:`i = 1..I` (term 1, ``losses[0]``, is the anchor) and each layer :math:`l`:
+
+    .. math::
+        g_{i,l} &= \nabla_{\theta_l} L_i \\
+        n_{i,l} &\leftarrow \beta_3 n_{i,l} + (1 - \beta_3) \lVert g_{i,l} \rVert \\
+        \tilde g_{i,l} &= w_i \, g_{i,l} \, n_{a,l} / n_{i,l} \\
+        m_i &\leftarrow \beta_1 m_i + (1 - \beta_1) \tilde g_i, \qquad
+        v_i \leftarrow \beta_2 v_i + (1 - \beta_2) \tilde g_i^2 \\
+        \theta &\leftarrow \theta - \mathrm{lr} \, \frac{\sum_i m_i / (1 - \beta_1^t)}
+            {\sqrt{\max_i v_i / (1 - \beta_2^t)} + \epsilon}
+
+    with ``betas = (beta1, beta2, beta3)``, :math:`w_i` = ``term_weights[i]`` (default 1)
+    and :math:`a` the anchor: term 0, or where term 0's magnitude in a layer is at most
+    ``1e-10`` the first term above that. A term whose own magnitude is at most ``1e-10``
+    passes unscaled. The magnitude EMA starts from the first measured magnitude
+    (``magnitude_init="first"``, as the authors' code) or from Algorithm 1's literal
+    :math:`n_0 = 1` (``magnitude_init="one"``). A layer is a parameter tensor.
+
+    Because all terms share one bias correction, :math:`\sum_i m_i` is kept in a single
+    buffer; only the second moments have one slice per term, so the state is
+    :math:`(I + 1)|\theta|` elements plus :math:`I` magnitudes per parameter tensor.
+
+    Args:
+        params: parameters or param groups (named parameters are accepted, and are needed
+            for ``grouping="module"``).
+        lr: learning rate, ``lr >= 0`` (default ``1e-3``).
+        betas: ``(beta1, beta2, beta3)``, each in ``[0, 1)`` (default ``(0.9, 0.999, 0.9)``);
+            ``beta3`` is the decay of the magnitude EMA.
+        eps: added to the denominator, ``eps >= 0`` (default ``1e-8``).
+        weight_decay: ``>= 0`` (default ``0``). L2 penalty ``weight_decay * theta`` added
+            once per step to the anchor's balanced gradient (after the magnitudes are
+            measured), so with one term MTAdam equals ``torch.optim.Adam``.
+        decoupled_weight_decay: apply AdamW-style decay ``theta *= 1 - lr * weight_decay``
+            instead (default ``False``).
+        term_weights: per-term multipliers :math:`w_i` applied after balancing (the
+            authors' ``ranks``); ``None`` means all ones. Its length must match the number
+            of terms.
+        grouping: what a layer is: ``"parameter"`` (each tensor, the paper's setting),
+            ``"module"`` (tensors of one module share a magnitude; needs named
+            parameters), ``"global"`` (one magnitude per term for the whole model,
+            Table 5 ablation (ii)).
+        normalization: ``"anchor"`` (the method), ``"unit"`` (each term divided by its own
+            magnitude without the anchor's, ablation (iii)) or ``"none"`` (no magnitude
+            normalisation, ablation (i)).
+        second_moment: ``"max"`` (the method), ``"own"`` (each term divided by its own
+            second moment, ablation (iv); keeps one first moment per term) or ``"mean"``
+            (mean of the second moments, ablation (v); keeps a single buffer).
+        magnitude_init: ``"first"`` or ``"one"``, see above.
+        grad_mode: how :meth:`step` computes per-term gradients (``"auto"``,
+            ``"sequential"``, ``"batched"``); see :func:`lossbalance.term_grads`.
+        process_group: under ``torch.distributed``, the per-term gradients and loss values
+            are averaged across this group's ranks in one all-reduce per step before
+            anything else, so every rank applies the identical update (the result equals
+            single-process training on the concatenated batch). ``"auto"`` (default) uses
+            the default group when one is initialised with more than one rank; ``None``
+            disables averaging.
+
+    Example:
+        >>> import torch, lossbalance
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = lossbalance.MTAdam(model.parameters(), lr=1e-2)
+        >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+        >>> out = model(x)
+        >>> losses = [(out - y).pow(2).mean(), 1000 * out.abs().mean()]
+        >>> opt.step(losses)  # computes the per-term gradients itself
+        >>> opt.state[model.weight]["exp_avg_sq"].shape  # one second moment per term
+        torch.Size([2, 1, 3])
+
+    Differences from the authors' code:
+        - Every parameter is updated; their loop ``break``s out of the whole group at the
+          first parameter without a gradient, so later parameters are skipped and their
+          per-step lists grow every step. A term that does not reach a parameter
+          contributes a zero gradient there; a parameter no term reaches is left alone.
+        - The magnitude EMAs live in ``self.state`` (their code kept them as attributes of
+          the parameter tensors, outside ``state_dict``, so a resumed run crashed).
+        - Weight decay is applied once per step, not once per term.
+        - Runs on any device and dtype, without CUDA or TensorFlow, and without host
+          synchronisation inside :meth:`step`.
+        - Their anchor search reads, for terms after the current one, the previous
+          step's magnitudes; here all magnitudes of the step are updated first.
+        - ``term_weights`` multiply every term; theirs skipped the multiplier of a term
+          whose magnitude was below the threshold.
+        - A step whose losses or gradients are not finite is skipped (parameters and state
+          untouched) and counted in :attr:`skipped_steps`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float, float] = (0.9, 0.999, 0.9),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        decoupled_weight_decay: bool = False,
+        term_weights: Sequence[float] | None = None,
+        grouping: str = "parameter",
+        normalization: str = "anchor",
+        second_moment: str = "max",
+        magnitude_init: str = "first",
+        grad_mode: str = "auto",
+        process_group: Any = "auto",
+    ) -> None:
+        if isinstance(lr, Tensor):
+            raise TypeError("MTAdam takes lr as a float")
+        check_nonneg("learning rate", lr)
+        check_nonneg("eps", eps)
+        check_nonneg("weight_decay", weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+            raise ValueError(f"Invalid betas: {betas!r} (expected (beta1, beta2, beta3))")
+        for name, b in zip(("beta1", "beta2", "beta3"), betas):
+            check_beta(name, b)
+        check_choice("grouping", grouping, GROUPINGS)
+        check_choice("normalization", normalization, NORMALIZATIONS)
+        check_choice("second_moment", second_moment, SECOND_MOMENTS)
+        check_choice("magnitude_init", magnitude_init, MAGNITUDE_INITS)
+        check_choice("grad_mode", grad_mode, GRAD_MODES)
+        if term_weights is not None:
+            term_weights = [float(w) for w in term_weights]
+            for w in term_weights:
+                if not (w >= 0.0 and w < float("inf")):
+                    raise ValueError(f"Invalid term weight: {w} (expected 0 <= weight < inf)")
+        self.term_weights = term_weights
+        self.grouping = grouping
+        self.normalization = normalization
+        self.second_moment = second_moment
+        self.magnitude_init = magnitude_init
+        self.grad_mode = grad_mode
+        self.process_group = process_group
+        self.threshold = 1e-10
+        self._accum: dict[Tensor, Tensor] = {}
+        self._accum_losses: Tensor | None = None
+        self.num_terms: int | None = None
+        self._skipped: Tensor | None = None
+        self._skipped_host = 0
+        self._pending: list[tuple[Any, Tensor]] = []
+        self._cache: dict[Any, Tensor] = {}
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults)
+        if grouping == "module":
+            for group in self.param_groups:
+                if "param_names" not in group:
+                    raise ValueError(
+                        "grouping='module' needs named parameters: pass "
+                        "model.named_parameters() (or groups of named parameters)"
+                    )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Accept (name, tensor) pairs on every torch version: names drive grouping="module".
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        params = list(params)
+        param_group = dict(param_group)
+        param_group["params"] = params
+        if params and all(isinstance(p, tuple) for p in params):
+            param_group["param_names"] = [name for name, _ in params]
+            param_group["params"] = [p for _, p in params]
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def skipped_steps(self) -> int:
+        """Number of steps skipped because a loss or gradient was not finite."""
+        self._flush_pending()
+        if self._skipped is None:
+            return self._skipped_host
+        return self._skipped_host + int(self._skipped.item())
+
+    def magnitudes(self) -> dict[Tensor, Tensor]:
+        """The magnitude EMAs ``n_{i,l}``: for each stepped parameter a ``(I,)`` tensor."""
+        return {p: s["magnitude"] for p, s in self.state.items() if "magnitude" in s}
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self,
+        losses: Sequence[Tensor] | Mapping[Any, Tensor] | None = None,
+        closure: Callable[[], Any] | None = None,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> Any:
+        """Compute the per-term gradients of ``losses`` and apply one MTAdam update.
+
+        Args:
+            losses: list, tuple or ordered mapping of scalar loss tensors; the first is the
+                anchor. Do not call ``backward()`` on them first. If gradients were
+                accumulated with :meth:`accumulate`, these are added to them; with no
+                losses, the accumulated gradients alone are applied.
+            closure: alternatively, a callable that recomputes the model and returns the
+                losses (as for ``torch.optim.LBFGS``).
+            grad_scaler: a ``torch.amp.GradScaler``: the losses are scaled by it, the
+                per-term gradients unscaled before magnitudes and moments are computed,
+                and a step with inf/NaN gradients is skipped and reported to the scaler,
+                so that ``grad_scaler.update()`` lowers the scale as usual.
+
+        Returns:
+            What ``closure`` returned, else ``None``.
+        """
+        result = None
+        if closure is not None:
+            if losses is not None:
+                raise TypeError("MTAdam.step takes either losses or a closure, not both")
+            with torch.enable_grad():
+                result = closure()
+            losses = result
+        if losses is None and not self._accum:
+            raise TypeError(
+                "MTAdam.step needs the loss terms: call opt.step([loss_0, loss_1, ...]) "
+                "(or opt.step_with_grads(...) with per-term gradients)"
+            )
+        if losses is not None:
+            self._accumulate(losses, grad_scaler)
+        stacked, loss_vec = self._accum, self._accum_losses
+        self._accum, self._accum_losses = {}, None
+        finite = self._apply(stacked, loss_vec)
+        if grad_scaler is not None and grad_scaler.is_enabled() and finite is not None:
+            _report_to_scaler(grad_scaler, self, finite)
+        return result
+
+    @torch.no_grad()
+    def accumulate(
+        self,
+        losses: Sequence[Tensor] | Mapping[Any, Tensor],
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        """Add the per-term gradients of one micro-batch; the next :meth:`step` applies them.
+
+        For gradient accumulation: call ``accumulate(losses)`` on each micro-batch (with
+        losses divided by the number of micro-batches for mean-reduced losses) and
+        ``step()`` once. Magnitudes and moments see only the summed gradients.
+        """
+        self._accumulate(losses, grad_scaler)
+
+    def _accumulate(self, losses: Any, grad_scaler: torch.amp.GradScaler | None) -> None:
+        with torch.enable_grad():
+            # reshape of a (1,)-shaped loss must stay in the graph
+            items = as_loss_list(losses)
+        self._check_num_terms(len(items))
+        params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            return
+        scaling = grad_scaler is not None and grad_scaler.is_enabled()
+        if scaling:
+            assert grad_scaler is not None
+            with torch.enable_grad():
+                items = [grad_scaler.scale(loss) for loss in items]
+        grads = term_grads(items, params, mode=self.grad_mode)
+        loss_vec = torch.stack([loss.detach().float() for loss in items])
+        if scaling:
+            assert grad_scaler is not None
+            inv = grad_scaler._scale.double().reciprocal()  # type: ignore[union-attr]
+            loss_vec = loss_vec * inv.to(loss_vec.device, loss_vec.dtype)
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if scaling:
+                g = g.to(_state_dtype(p)).mul_(inv.to(g.device, _state_dtype(p)))
+            prev = self._accum.get(p)
+            self._accum[p] = g if prev is None else prev.add_(g.to(prev.dtype))
+        if self._accum_losses is None:
+            self._accum_losses = loss_vec
+        else:
+            self._accum_losses = self._accum_losses + loss_vec.to(self._accum_losses.device)
+
+    @torch.no_grad()
+    def step_with_grads(
+        self,
+        term_grads: Sequence[Sequence[Tensor | None]] | Mapping[Tensor, Tensor],
+        losses: Sequence[Tensor] | Tensor | None = None,
+    ) -> None:
+        """Apply one update from per-term gradients the caller already computed.
+
+        For AMP (unscale them first), gradient accumulation or a custom backward.
+
+        Args:
+            term_grads: either a sequence over terms of sequences over the optimizer's
+                parameters (in ``param_groups`` order; ``None`` where a term does not reach
+                a parameter), or a mapping ``param -> tensor of shape (I, *param.shape)``.
+            losses: optional loss values; if given and not finite, the step is skipped.
+        """
+        params = [p for group in self.param_groups for p in group["params"]]
+        stacked: dict[Tensor, Tensor] = {}
+        if isinstance(term_grads, Mapping):
+            known = set(params)
+            num = None
+            for p, g in term_grads.items():
+                if p not in known:
+                    raise ValueError(
+                        "term_grads has a tensor that is not one of the optimizer's parameters"
+                    )
+                if g is None:
+                    continue
+                if g.dim() != p.dim() + 1 or g.shape[1:] != p.shape:
+                    raise ValueError(
+                        f"per-term gradient of shape {tuple(g.shape)} does not match parameter "
+                        f"of shape {tuple(p.shape)} (expected (I, *param.shape))"
+                    )
+                if num is not None and g.shape[0] != num:
+                    raise ValueError("per-term gradients disagree on the number of terms")
+                num = g.shape[0]
+                self._check_dense(g)
+                # the update scales the gradients in place; the caller's tensors stay intact
+                stacked[p] = g.clone()
+            if num is None:
+                return
+            self._check_num_terms(num)
+        else:
+            per_term = [list(t) for t in term_grads]
+            if not per_term:
+                raise ValueError("term_grads is empty: expected at least one term")
+            for i, row in enumerate(per_term):
+                if len(row) != len(params):
+                    raise ValueError(
+                        f"term {i} has {len(row)} gradients, expected one per parameter "
+                        f"({len(params)}; None where the term does not reach it)"
+                    )
+            self._check_num_terms(len(per_term))
+            k = len(per_term)
+            for j, p in enumerate(params):
+                col = [per_term[i][j] for i in range(k)]
+                if all(g is None for g in col):
+                    continue
+                ref = next(g for g in col if g is not None)
+                buf = ref.new_zeros((k, *p.shape))
+                for i, gi in enumerate(col):
+                    if gi is None:
+                        continue
+                    g = gi
+                    if g.shape != p.shape:
+                        raise ValueError(
+                            f"gradient of term {i} has shape {tuple(g.shape)}, parameter "
+                            f"{j} has shape {tuple(p.shape)}"
+                        )
+                    self._check_dense(g)
+                    buf[i].copy_(g)
+                stacked[p] = buf
+        loss_vec = None
+        if losses is not None:
+            loss_vec = (
+                losses.detach().reshape(-1)
+                if isinstance(losses, Tensor)
+                else torch.stack([torch.as_tensor(v).detach().reshape(()) for v in losses])
+            )
+        self._apply(stacked, loss_vec)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["mtadam"] = {"num_terms": self.num_terms, "skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mtadam", None)
+        super().load_state_dict(state_dict)
+        self._skipped = None
+        self._pending = []
+        if extra is not None:
+            self.num_terms = extra.get("num_terms")
+            self._skipped_host = int(extra.get("skipped_steps", 0))
+        else:
+            self.num_terms = None
+            self._skipped_host = 0
+            for s in self.state.values():
+                if "magnitude" in s:
+                    self.num_terms = int(s["magnitude"].shape[0])
+                    break
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        options = (
+            f"term_weights: {self.term_weights}\n"
+            f"    grouping: {self.grouping}\n"
+            f"    normalization: {self.normalization}\n"
+            f"    second_moment: {self.second_moment}\n"
+            f"    magnitude_init: {self.magnitude_init}\n"
+            f"    grad_mode: {self.grad_mode}\n"
+        )
+        head, _, rest = text.partition("\n")
+        return f"{head}\nOptions\n    {options}{rest}"
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _check_dense(g: Tensor) -> None:
+        if g.is_sparse:
+            raise TypeError("MTAdam does not support sparse gradients")
+
+    def _check_num_terms(self, num: int) -> None:
+        if self.num_terms is None:
+            if self.term_weights is not None and len(self.term_weights) != num:
+                raise ValueError(
+                    f"term_weights has {len(self.term_weights)} entries but {num} loss terms "
+                    "were given"
+                )
+            self.num_terms = num
+        elif num != self.num_terms:
+            raise ValueError(
+                f"MTAdam was stepped with {self.num_terms} loss terms before, got {num}: "
+                "the number of terms is fixed at the first step"
+            )
+
+    def _init_state(self, p: Tensor, num: int) -> dict[str, Any]:
+        state = self.state[p]
+        if len(state) == 0:
+            dt = _state_dtype(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            shape_m = (num, *p.shape) if self.second_moment == "own" else p.shape
+            shape_v = p.shape if self.second_moment == "mean" else (num, *p.shape)
+            state["exp_avg"] = torch.zeros(shape_m, dtype=dt, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape_v, dtype=dt, device=p.device)
+            fill = 1.0 if self.magnitude_init == "one" else 0.0
+            state["magnitude"] = torch.full((num,), fill, dtype=dt, device=p.device)
+        return state
+
+    def _apply(self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None) -> Tensor | None:
+        self._flush_pending()
+        num = self.num_terms
+        group = self._dist_group()
+        if group is not None and num is not None:
+            stacked, loss_vec = self._all_reduce(stacked, loss_vec, num, group)
+        if not stacked:
+            return None
+        assert num is not None
+        groups = [[p for p in g["params"] if p in stacked] for g in self.param_groups]
+        params = [p for ps in groups for p in ps]
+        home = params[0].device
+        grads = {p: stacked[p].to(_state_dtype(p)) for p in params}
+        norms = _layer_norms([grads[p] for p in params], self._layer_index(params, home))
+        finite = torch.isfinite(norms).all()
+        if loss_vec is not None:
+            finite = finite & torch.isfinite(loss_vec.to(home)).all()
+        weights = self._term_weight_tensor(home)
+        start = 0
+        for group, ps in zip(self.param_groups, groups):
+            if not ps:
+                continue
+            states = [self._init_state(p, num) for p in ps]
+            beta1, beta2, beta3 = group["betas"]
+            mtadam(
+                ps,
+                [grads[p] for p in ps],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["magnitude"] for s in states],
+                [s["step"] for s in states],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                beta3=beta3,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                term_weights=weights,
+                normalization=self.normalization,
+                second_moment=self.second_moment,
+                magnitude_init=self.magnitude_init,
+                threshold=self.threshold,
+                norms=norms[start : start + len(ps)],
+                finite=finite,
+            )
+            start += len(ps)
+        self._record_finite(finite)
+        return finite
+
+    def _dist_group(self) -> Any:
+        if self.process_group is None:
+            return None
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        group = None if self.process_group == "auto" else self.process_group
+        if torch.distributed.get_world_size(group) <= 1:
+            return None
+        return torch.distributed.group.WORLD if group is None else group
+
+    def _all_reduce(
+        self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None, num: int, group: Any
+    ) -> tuple[dict[Tensor, Tensor], Tensor]:
+        """Average per-term gradients and losses over the ranks in one collective.
+
+        Every parameter that requires grad takes part (zeros where no term reached it on
+        this rank) so that all ranks agree on the layout. A NaN on any rank reaches every
+        rank through the sum, so all ranks skip that step together.
+        """
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        dev = params[0].device
+        parts = []
+        for p in params:
+            g = stacked.get(p)
+            if g is None:
+                g = torch.zeros((num, *p.shape), dtype=_state_dtype(p), device=p.device)
+            parts.append(
+                g.to(dev, torch.float64 if p.dtype == torch.float64 else torch.float32).reshape(-1)
+            )
+        if loss_vec is None:
+            loss_vec = torch.zeros(num, device=dev)
+        dt = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
+        flat = torch.cat([x.to(dt) for x in parts] + [loss_vec.to(dev, dt).reshape(-1)])
+        torch.distributed.all_reduce(flat, group=group)
+        flat.div_(torch.distributed.get_world_size(group))
+        out: dict[Tensor, Tensor] = {}
+        offset = 0
+        for p in params:
+            n = num * p.numel()
+            out[p] = flat[offset : offset + n].view(num, *p.shape).to(p.device, _state_dtype(p))
+            offset += n
+        return out, flat[offset:]
+
+    def _layer_index(self, params: list[Tensor], home: torch.device) -> Tensor | None:
+        """Layer id of each parameter (cached), or None when each tensor is a layer."""
+        if self.grouping == "parameter":
+            return None
+        key = (tuple(id(p) for p in params), home)
+        cached = self._cache.get(("layers", key))
+        if cached is not None:
+            return cached
+        if self.grouping == "global":
+            ids = [0] * len(params)
+        else:
+            names: dict[Tensor, str] = {}
+            for group in self.param_groups:
+                for name, p in zip(group["param_names"], group["params"]):
+                    names[p] = name.rpartition(".")[0]
+            seen: dict[str, int] = {}
+            ids = [seen.setdefault(names[p], len(seen)) for p in params]
+        index = torch.tensor(ids, dtype=torch.long).to(home)
+        self._cache[("layers", key)] = index
+        return index
+
+    def _term_weight_tensor(self, home: torch.device) -> Tensor | None:
+        if self.term_weights is None:
+            return None
+        cached = self._cache.get(("weights", home))
+        if cached is None:
+            cached = torch.tensor(self.term_weights, dtype=torch.float64).to(home)
+            self._cache[("weights", home)] = cached
+        return cached
+
+    def _record_finite(self, finite: Tensor) -> None:
+        skipped = (~finite).to(torch.int64)
+        if self._skipped is None or self._skipped.device != finite.device:
+            if self._skipped is not None:
+                self._skipped_host += int(self._skipped.item())
+            self._skipped = torch.zeros((), dtype=torch.int64, device=finite.device)
+        self._skipped.add_(skipped)
+        if finite.device.type == "cpu":
+            if not bool(finite):
+                self._warn_skip()
+            return
+        # On an accelerator, read the flag later without blocking: copy it to the host
+        # asynchronously and look at it once the copy has completed.
+        host = torch.empty((), dtype=torch.bool, pin_memory=torch.cuda.is_available())
+        host.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event() if finite.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self._pending.append((event, host))
+
+    def _flush_pending(self) -> None:
+        keep = []
+        for event, host in self._pending:
+            if event is not None and not event.query():
+                keep.append((event, host))
+            elif not bool(host):
+                self._warn_skip()
+        self._pending = keep
+
+    @staticmethod
+    def _warn_skip() -> None:
+        warn_once(
+            "mtadam-skip",
+            "MTAdam skipped a step: a loss or gradient was not finite (NaN/Inf); "
+            "parameters and state were left untouched. See MTAdam.skipped_steps.",
+            stacklevel=4,
+        )
+
+
+def _report_to_scaler(scaler: torch.amp.GradScaler, optimizer: Optimizer, finite: Tensor) -> None:
+    """Tell ``scaler.update()`` whether this step found inf/NaN, as its own step would."""
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    state["found_inf_per_device"][finite.device] = (~finite).to(torch.float32)
+    state["stage"] = OptState.STEPPED
+
+
+def _layer_norms(grads: list[Tensor], layer_index: Tensor | None) -> Tensor:
+    """(P, I) float64 magnitudes ||g_{i,l}|| of each parameter's layer, per term."""
+    home = grads[0].device
+    norms = torch.stack(
+        [
+            torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).to(home, torch.float64)
+            for g in grads
+        ]
+    )
+    if layer_index is None:
+        return norms
+    sq = torch.zeros((len(grads), norms.shape[1]), dtype=torch.float64, device=home)
+    sq.index_add_(0, layer_index, norms.square())
+    return sq.sqrt().index_select(0, layer_index)
+
+
+def mtadam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    magnitudes: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    term_weights: Tensor | None = None,
+    normalization: str = "anchor",
+    second_moment: str = "max",
+    magnitude_init: str = "first",
+    threshold: float = 1e-10,
+    norms: Tensor | None = None,
+    finite: Tensor | None = None,
+) -> Tensor:
+    """Functional MTAdam update of one parameter group (math in :class:`MTAdam`), in place.
+
+    Args:
+        params: the P parameter tensors to update.
+        grads: per parameter, the stacked per-term gradients ``(I, *p.shape)`` in the state
+            dtype; they are overwritten with the balanced gradients.
+        exp_avgs: per parameter ``sum_i m_i`` (``(I, *p.shape)`` for ``second_moment="own"``).
+        exp_avg_sqs: per parameter the ``v_i`` stacked over terms (``p.shape``, the mean over
+            terms, for ``second_moment="mean"``).
+        magnitudes: per parameter the ``(I,)`` magnitude EMAs.
+        steps: per parameter the 0-dim step counter.
+        lr, beta1, beta2, beta3, eps, weight_decay, decoupled_weight_decay: as in
+            :class:`MTAdam`.
+        term_weights: ``(I,)`` multipliers, or ``None``.
+        normalization, second_moment, magnitude_init, threshold: as in :class:`MTAdam`.
+        norms: ``(P, I)`` float64 layer magnitudes of this step; computed per parameter from
+            ``grads`` if ``None`` (the optimizer passes them for module/global grouping).
+        finite: 0-dim bool; when ``False`` nothing changes. Computed from ``norms`` if
+            ``None``.
+
+    Returns:
+        The 0-dim bool ``finite`` flag. No host synchronisation happens.
+    """
+    home = params[0].device
+    num = grads[0].shape[0]
+    if norms is None:
+        norms = _layer_norms(grads, None)
+    if finite is None:
+        finite = torch.isfinite(norms).all()
+    keep = finite.to(torch.float64)
+
+    mags = torch.stack([m.to(home, torch.float64) for m in magnitudes])  # (P, I)
+    step_old = torch.stack([s.to(home, torch.float64) for s in steps])  # (P,)
+    if magnitude_init == "first":
+        rate = torch.where(step_old == 0, torch.ones_like(step_old), 1.0 - beta3).unsqueeze(1)
+    else:
+        rate = torch.full_like(step_old, 1.0 - beta3).unsqueeze(1)
+    measured = torch.where(finite, norms, mags)
+    new_mags = torch.lerp(mags, measured, rate * keep.unsqueeze(0))
+
+    above = new_mags > threshold
+    if normalization == "anchor":
+        anchor = new_mags.gather(1, above.to(torch.uint8).argmax(dim=1, keepdim=True))
+        scale = torch.where(above, anchor / new_mags, 1.0)
+    elif normalization == "unit":
+        scale = torch.where(above, 1.0 / new_mags, 1.0)
+    else:
+        scale = torch.ones_like(new_mags)
+    if term_weights is not None:
+        scale = scale * term_weights.to(home).unsqueeze(0)
+
+    step_new = step_old + keep
+    # A skipped first step leaves step == 0; the clamp keeps the (unused) factors finite.
+    step_c = step_new.clamp(min=1.0)
+    bc1 = 1.0 - torch.pow(beta1, step_c)
+    bc2_sqrt = (1.0 - torch.pow(beta2, step_c)).sqrt()
+    factors = torch.cat(
+        [
+            scale,
+            ((1.0 - beta1) * keep).expand(len(params)).unsqueeze(1),
+            (beta2 * keep + (1.0 - keep)).expand(len(params)).unsqueeze(1),
+            bc2_sqrt.unsqueeze(1),
+            (torch.full_like(bc1, -lr).div_(bc1) * keep).unsqueeze(1),
+            (1.0 - lr * weight_decay * keep).expand(len(params)).unsqueeze(1),
+        ],
+        dim=1,
+    )
+    converted: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    skip = ~finite
+
+    for k, p in enumerate(params):
+        g = grads[k]
+        dev, dt = p.device, g.dtype
+        fac = converted.get((dev, dt))
+        if fac is None:
+            fac = converted[(dev, dt)] = factors.to(dev, dt)
+        row = fac[k]
+        rate1, decay2, bc2s, step_size, shrink = (row[num + j] for j in range(5))
+        magnitudes[k].copy_(new_mags[k])
+        steps[k].copy_(step_new[k])
+
+        g.mul_(row[:num].reshape((num,) + (1,) * (g.dim() - 1)))
+        master = p if p.dtype == dt else p.to(dt)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g[0].add_(master, alpha=weight_decay)
+        g.masked_fill_(skip.to(dev), 0.0)
+
+        m, v = exp_avgs[k], exp_avg_sqs[k]
+        m.lerp_(g if second_moment == "own" else g.sum(0), rate1)
+        if second_moment == "mean":
+            v.mul_(decay2).add_(g.square().mean(0), alpha=1.0 - beta2)
+        else:
+            v.mul_(decay2).addcmul_(g, g, value=1.0 - beta2)
+
+        # (step_size * m) / denom, in the order torch.optim.Adam's addcdiv_ uses
+        if weight_decay != 0 and decoupled_weight_decay:
+            master.mul_(shrink)
+        if second_moment == "own":
+            update = (m * step_size / (v.sqrt() / bc2s).add_(eps)).sum(0)
+            new = master.add_(update) if eps != 0 else master.add(update)
+        else:
+            denom = (v.amax(0) if second_moment == "max" else v).sqrt().div_(bc2s).add_(eps)
+            scaled = m * step_size
+            new = master.addcdiv_(scaled, denom) if eps != 0 else master.addcdiv(scaled, denom)
+        if eps == 0:
+            # 0/0 where a coordinate never had a gradient: a skipped step must stay a no-op
+            new = master.copy_(torch.where(skip.to(dev), master, new))
+        if new is not p:
+            p.copy_(new)
+    return finite
+
+
+register(
+    MethodInfo(
+        name="mtadam",
+        factory=lambda num_terms, **kw: MTAdam,
+        needs="optimizer",
+        stateful=True,
+        paper="Malkiel & Wolf 2020, arXiv 2006.14683",
+        summary="Adam that scales every term's gradient to the anchor's magnitude per layer",
+    )
+)
