@@ -1,0 +1,178 @@
+"""Loss normalisations: by the initial losses, or by the current (detached) losses."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lossbalance._base import LossBalancer
+from lossbalance._registry import MethodInfo, register
+from lossbalance._validation import warn_once
+
+
+def positive_floor(dtype: torch.dtype) -> float:
+    """The smallest divisor the loss-level methods divide by, for losses of ``dtype``.
+
+    It is the square root of the smallest normal number (about 1e-19 in float32, 1e-154
+    in float64): its reciprocal is about the square root of the largest finite number, so
+    a loss divided by it stays finite.
+    """
+    return float(torch.finfo(dtype).tiny) ** 0.5
+
+
+def normalized_loss(losses: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_i L_i / c_i`` for constant positive scales ``c`` (not differentiated).
+
+    A scale at or below :func:`positive_floor` (a zero or negative loss) is raised to it,
+    with a one-time :class:`~lossbalance.LossBalanceWarning`, so the result stays finite.
+
+    Args:
+        losses: 1-D tensor of the K losses.
+        scales: 1-D tensor of K divisors; cast to the dtype and device of ``losses``.
+
+    Returns:
+        ``(combined, weights)`` with ``weights = 1 / c`` = d combined / d L_i.
+    """
+    floor = positive_floor(losses.dtype)
+    c = scales.detach().to(losses)
+    if bool((c < floor).any()):
+        warn_once(
+            "normalization-nonpositive",
+            f"loss normalisation got a divisor <= {floor:.3g} (a zero or negative loss); "
+            "it is clamped there, so that term's weight is very large",
+        )
+        c = c.clamp_min(floor)
+    return (losses / c).sum(), torch.reciprocal(c)
+
+
+def dynamic_normalization(losses: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum_i L_i / stopgrad(L_i)``: value K, gradient that of ``sum_i log L_i``.
+
+    Returns:
+        ``(combined, weights)`` with ``weights = 1 / L`` = d combined / d L_i.
+    """
+    return normalized_loss(losses, losses.detach())
+
+
+class InitialLossNormalization(LossBalancer):
+    """Each loss divided by its initial value: ``L = sum_i L_i / L_i(0)``.
+
+    A common baseline: the loss ratio L_i(t) / L_i(0) of the GradNorm paper (Chen et al.,
+    ICML 2018), used directly as the objective.
+
+    Update rule, for call t = 0, 1, ... with N = ``warmup_steps``::
+
+        P_i(t) = (1 / (t+1)) sum_{s <= t} stopgrad(L_i(s))   for t < N  (running mean)
+        P_i(t) = P_i(N-1)                                     for t >= N (frozen prior)
+        L(t)   = sum_i L_i(t) / P_i(t),      w_i = 1 / P_i(t)
+
+    The prior P is the float64 buffer ``prior``; ``num_calls`` counts the calls up to N.
+
+    Args:
+        num_terms: K >= 1, the number of loss terms.
+        warmup_steps: N >= 1 (default 1): the number of first calls whose losses are
+            averaged into the prior. With N = 1 the prior is the first loss.
+
+    A prior at or below about 1e-19 (float32; 1e-154 in float64), e.g. a loss that is zero
+    at the start, is clamped there with a one-time warning.
+
+    Example:
+        >>> import torch
+        >>> from lossbalance import InitialLossNormalization
+        >>> balancer = InitialLossNormalization(2, warmup_steps=2)
+        >>> balancer(torch.tensor([2.0, 10.0], requires_grad=True)).item()
+        2.0
+        >>> balancer(torch.tensor([6.0, 30.0], requires_grad=True)).item()  # prior [4, 20]
+        3.0
+        >>> balancer.prior
+        tensor([ 4., 20.], dtype=torch.float64)
+        >>> balancer(torch.tensor([2.0, 10.0], requires_grad=True)).item()  # prior frozen
+        1.0
+
+    Differences from GradNorm's loss ratio:
+        - GradNorm takes L_i(0) from the first step only (``warmup_steps=1``); a longer
+          warm-up averages the first N mini-batch losses, which are noisy.
+    """
+
+    prior: Tensor
+    num_calls: Tensor
+
+    def __init__(self, num_terms: int, warmup_steps: int = 1) -> None:
+        super().__init__(num_terms)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (expected an integer >= 1)")
+        self.warmup_steps = warmup_steps
+        self.register_buffer("prior", torch.zeros(num_terms, dtype=torch.float64))
+        self.register_buffer("num_calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, losses: Tensor) -> Tensor:
+        self._check_terms(losses)
+        n = int(self.num_calls)
+        if n < self.warmup_steps:
+            current = losses.detach().to(self.prior)
+            self.prior.add_((current - self.prior) / (n + 1))
+            self.num_calls.add_(1)
+        combined, weights = normalized_loss(losses, self.prior)
+        self._record(weights)
+        return combined
+
+    def extra_repr(self) -> str:
+        return f"num_terms={self.num_terms}, warmup_steps={self.warmup_steps}"
+
+
+class DynamicNormalization(LossBalancer):
+    """Each loss divided by its own detached value: ``L = sum_i L_i / stopgrad(L_i)``.
+
+    The combined value is always K, and its gradient is that of ``sum_i log L_i``: each
+    term is weighted by ``1 / L_i`` at every step, so every term contributes the same
+    relative decrease. This is the gradient direction of the geometric loss strategy
+    (:class:`~lossbalance.GLS`) up to the positive factor ``GLS / K``.
+
+    Update rule (no state)::
+
+        L = sum_i L_i / stopgrad(L_i),      w_i = 1 / L_i
+
+    A loss at or below about 1e-19 (float32; 1e-154 in float64) is clamped there as a
+    divisor, with a one-time warning.
+
+    Args:
+        num_terms: K >= 1, the number of loss terms.
+
+    Example:
+        >>> import torch
+        >>> from lossbalance import DynamicNormalization
+        >>> balancer = DynamicNormalization(2)
+        >>> losses = torch.tensor([0.5, 4.0], requires_grad=True)
+        >>> balancer(losses).item()
+        2.0
+        >>> balancer.last_weights
+        tensor([2.0000, 0.2500])
+    """
+
+    def forward(self, losses: Tensor) -> Tensor:
+        self._check_terms(losses)
+        combined, weights = dynamic_normalization(losses)
+        self._record(weights)
+        return combined
+
+
+register(
+    MethodInfo(
+        name="initial-loss",
+        factory=InitialLossNormalization,
+        needs="losses",
+        stateful=True,
+        paper="baseline; L_i(t) / L_i(0) as in Chen et al., ICML 2018 (GradNorm)",
+        summary="each loss divided by its (warm-up averaged) initial value",
+    )
+)
+register(
+    MethodInfo(
+        name="dynamic",
+        factory=DynamicNormalization,
+        needs="losses",
+        stateful=False,
+        paper="baseline (gradient of sum_i log L_i)",
+        summary="each loss divided by its detached current value (weights 1 / L_i)",
+    )
+)
