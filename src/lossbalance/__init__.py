@@ -17,25 +17,59 @@ from lossbalance._registry import (
 from lossbalance._validation import LossBalanceWarning
 
 # --- optimizer level (MTAdam) ---
+# isort: split
+from lossbalance._mtadam import MTAdam
 
 # --- loss level ---
+# isort: split
+from lossbalance._dwa import DWA
+from lossbalance._gls import GLS
+from lossbalance._normalization import DynamicNormalization, InitialLossNormalization
+from lossbalance._uncertainty import UncertaintyWeighting
+from lossbalance._uniform import FixedWeights, Uniform
 
 # --- gradient level ---
+# isort: split
+from lossbalance._gradnorm import GradNorm, GradNormalization
+from lossbalance._imtl import IMTL, IMTLG, IMTLL
+from lossbalance._mgda import MGDA, MGDAClosedForm
+from lossbalance._pcgrad import PCGrad
 
 # --- engine entry point ---
+# isort: split
+from lossbalance._backward import backward
+from lossbalance._engine import term_gramian
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DWA",
+    "GLS",
+    "IMTL",
+    "IMTLG",
+    "IMTLL",
+    "MGDA",
     "Balancer",
+    "DynamicNormalization",
+    "FixedWeights",
+    "GradNorm",
+    "GradNormalization",
     "GradientBalancer",
+    "InitialLossNormalization",
     "LossBalanceWarning",
     "LossBalancer",
+    "MGDAClosedForm",
+    "MTAdam",
     "MethodInfo",
+    "PCGrad",
+    "UncertaintyWeighting",
+    "Uniform",
     "__version__",
     "available_methods",
+    "backward",
     "create",
     "get_method",
     "register",
     "term_grads",
+    "term_gramian",
 ]

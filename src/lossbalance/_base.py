@@ -71,11 +71,16 @@ class GradientBalancer(Balancer):
 
     Subclasses implement ``weights(gramian, losses)``. ``transform(losses)`` maps the raw
     losses to the per-term losses whose gradients are balanced (identity by default;
-    hybrid IMTL scales them by IMTL-L first). Task-specific parameters receive the
-    gradient of ``transform(losses).sum()``.
+    hybrid IMTL scales them by IMTL-L first); it must be a pure differentiable function
+    of the losses (the engine evaluates its K x K Jacobian) and update no state.
+    Task-specific parameters receive the gradient of ``transform(losses).sum()``, or of
+    ``(alpha * transform(losses)).sum()`` when ``weights_heads`` is set.
     """
 
     kind = "gradient"
+    #: Whether task-specific parameters get their term's gradient scaled by alpha (as in
+    #: GradNorm, whose loss is sum_i w_i L_i) rather than unweighted (the other papers).
+    weights_heads: ClassVar[bool] = False
 
     def transform(self, losses: Tensor) -> Tensor:
         return losses

@@ -1,20 +1,39 @@
-"""Per-term gradients: the one engine every method uses.
+"""Per-term gradients and their Gramian: the one engine every method uses.
 
-``term_grads`` returns, for each parameter, the stacked per-term gradients of shape
-``(K, *param.shape)`` (``None`` where no term reaches the parameter). Terms that do not
-reach a parameter that another term reaches contribute zeros there.
+A gradient-level method needs, for K loss terms L_1..L_K and the shared parameters
+theta (P numbers in all), the K x P Jacobian ``J`` whose row i is ``g_i = dL_i/dtheta``,
+or only its K x K Gramian ``J J^T``. Three ways to get it:
+
+- **exact** (``"exact"`` sequential, ``"batched"`` vectorised): K backward passes
+  (``torch.autograd.grad`` per term, or one call with ``is_grads_batched=True``); holds the
+  K gradient copies, K P numbers. The Gramian is accumulated per parameter tensor in
+  float64, never as one concatenated K x P matrix.
+- **feature** (``"feature"``): the gradients of the last shared representation ``z``
+  (the trunk's output, the heads' input) instead of theta, flattened per sample to
+  K x (B D), never summed over the batch (Liu et al. 2021, IMTL, sec. 3.1; Sener & Koltun
+  2018, MGDA-UB). The K passes only traverse the heads; the trunk is traversed once.
+- **Gramian-only** (``"gramian"``): column i of ``J J^T`` is ``J g_i``, a Jacobian-vector
+  product of a vector-Jacobian product, computed by double backward. One gradient copy
+  is alive at a time: memory O(P) instead of O(K P), for about three times the compute.
+
+``term_grads`` returns the stacked per-term gradients themselves (the MTAdam optimizer
+uses it); ``term_gramian`` returns the Gramian in any of the modes above.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lossbalance._validation import check_choice
+from lossbalance._validation import check_choice, warn_once
+
+__all__ = ["GRAD_MODES", "GRAMIAN_MODES", "term_grads", "term_gramian"]
 
 GRAD_MODES = ("auto", "sequential", "batched")
+GRAMIAN_MODES = ("auto", "exact", "batched", "gramian", "feature")
 
 
 def term_grads(
@@ -26,27 +45,180 @@ def term_grads(
 ) -> list[Tensor | None]:
     """Stacked per-term gradients of ``losses`` with respect to ``params``.
 
+    Terms that do not reach a parameter that another term reaches contribute zeros there.
+
     Args:
         losses: K scalar tensors.
         params: the tensors to differentiate with respect to.
         mode: ``"sequential"`` runs K ``torch.autograd.grad`` calls; ``"batched"`` runs one
-            vectorised call (``is_grads_batched=True``) and falls back to sequential when an
-            operation has no batching rule; ``"auto"`` picks sequential.
-        retain_graph: keep the graph after the last backward.
+            vectorised call (``is_grads_batched=True``) and falls back to sequential (with
+            a once-only warning) when an operation has no batching rule; ``"auto"`` picks
+            sequential.
+        retain_graph: keep the graph after the last backward (the batched path always
+            keeps it, so that the sequential fallback can run; it is freed with the
+            caller's references to the losses).
 
     Returns:
         One entry per parameter: a ``(K, *p.shape)`` tensor, or ``None`` if no loss
         reaches ``p``.
+
+    Example:
+        >>> import torch, lossbalance
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> (g,) = lossbalance.term_grads([w.sum(), (w * w).sum()], [w])
+        >>> g
+        tensor([[1., 1.],
+                [2., 4.]])
     """
     check_choice("mode", mode, GRAD_MODES)
     params = list(params)
-    if mode == "batched":
-        try:
-            return _batched(losses, params, retain_graph)
-        except RuntimeError:
-            # Some operations have no vmap rule; the sequential path is always exact.
-            pass
-    return _sequential(losses, params, retain_graph)
+    losses = list(losses)
+    # callers such as an optimizer's step() run under no_grad; the backward needs grad mode
+    with torch.enable_grad():
+        return _per_term(
+            losses, params, len(params), batched=mode == "batched", retain_graph=retain_graph
+        )
+
+
+def term_gramian(
+    losses: Sequence[Tensor],
+    params: Iterable[Tensor] | None = None,
+    *,
+    features: Tensor | Sequence[Tensor] | None = None,
+    mode: str = "auto",
+    retain_graph: bool = False,
+) -> Tensor:
+    r"""The K x K Gramian of the per-term gradients, in float64.
+
+    .. math::
+        \mathcal{G}_{ij} = \langle g_i, g_j \rangle, \qquad
+        g_i = \partial L_i / \partial \theta \ \text{(or } \partial L_i / \partial z
+        \text{ flattened over batch and features)}
+
+    Args:
+        losses: K scalar tensors (``losses[i]`` is L_i).
+        params: the shared parameters theta (any iterable of tensors); needed by every mode
+            but ``"feature"``.
+        features: the shared representation z (a tensor with the batch first, or a
+            sequence of them), needed by ``"feature"``.
+        mode: ``"exact"`` (K ``autograd.grad`` calls), ``"batched"`` (one vectorised call),
+            ``"gramian"`` (double backward, O(P) memory), ``"feature"`` (gradients of z);
+            ``"auto"`` is ``"feature"`` when ``features`` is given, else ``"exact"``.
+        retain_graph: keep the graph after the last backward.
+
+    Returns:
+        A symmetric positive semi-definite ``(K, K)`` float64 tensor (on the CPU when the
+        gradients live on an MPS device, which has no float64).
+
+    Example:
+        >>> import torch, lossbalance
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> lossbalance.term_gramian([w.sum(), (w * w).sum()], [w])
+        tensor([[ 2.,  6.],
+                [ 6., 20.]], dtype=torch.float64)
+
+    Notes:
+        ``"gramian"`` falls back to ``"exact"`` with a once-only warning where an
+        operation of the model has no double backward; its dot products are accumulated by
+        autograd in the model's dtype, the exact modes' in float64.
+    """
+    check_choice("mode", mode, GRAMIAN_MODES)
+    mode = resolve_mode(mode, features)
+    with torch.enable_grad():
+        items = [loss.reshape(()) for loss in losses]
+        if not items:
+            raise ValueError("losses is empty: expected at least one loss term")
+        if mode == "feature":
+            step = feature_terms(
+                items, as_features(features), [], retain_graph=retain_graph, with_extra=False
+            )
+        else:
+            if params is None:
+                raise ValueError(
+                    f"term_gramian(mode={mode!r}) needs params (the shared parameters)"
+                )
+            step = exact_or_gramian_terms(
+                items, list(params), [], mode=mode, retain_graph=retain_graph
+            )
+    return step.gramian
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_mode(mode: str, features: object) -> str:
+    """``"auto"`` -> ``"feature"`` when features are given, else ``"exact"``."""
+    if mode == "auto":
+        return "feature" if features is not None else "exact"
+    if mode == "feature" and features is None:
+        raise ValueError(
+            "mode='feature' needs features=z, the last shared representation (the trunk's "
+            "output that the heads take as input)"
+        )
+    return mode
+
+
+def as_features(features: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
+    """Validate the shared representation(s) z: tensors that require grad."""
+    if features is None:  # pragma: no cover - resolve_mode rejects it first
+        raise ValueError("features is None")
+    items = [features] if isinstance(features, Tensor) else list(features)
+    if not items:
+        raise ValueError("features is empty: expected the trunk's output tensor")
+    for i, z in enumerate(items):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"features[{i}] must be a Tensor, got {type(z).__name__}")
+        if not z.requires_grad:
+            raise ValueError(
+                f"features[{i}] (shape {tuple(z.shape)}) does not require grad: pass the "
+                "trunk's output itself, not a detached copy"
+            )
+    return items
+
+
+def _acc_device(t: Tensor) -> torch.device:
+    # float64 is unavailable on MPS; a K x K accumulator on the CPU costs nothing
+    return torch.device("cpu") if t.device.type == "mps" else t.device
+
+
+def _add_gramian(gram: Tensor, g: Tensor) -> None:
+    m = g.reshape(g.shape[0], -1).to(device=gram.device, dtype=torch.float64)
+    gram.addmm_(m, m.T)
+
+
+def reachable_leaves(roots: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> list[Tensor]:
+    """The leaf tensors requiring grad that ``roots`` reach, in a deterministic order.
+
+    Walks ``grad_fn.next_functions``; ``AccumulateGrad`` nodes hold the leaf in
+    ``.variable``. The walk does not go through the tensors in ``stop`` (nor list them);
+    it stops at their own edge, so another output of the same operation (``torch.chunk``)
+    is still followed.
+    """
+    stop_ids = {id(t) for t in stop}
+    stop_edges = {(t.grad_fn, t.output_nr) for t in stop if t.grad_fn is not None}
+    seen: set[object] = set()
+    found: dict[int, Tensor] = {}
+    todo: list[object] = []
+    for t in roots:
+        if t.grad_fn is not None:
+            if (t.grad_fn, t.output_nr) not in stop_edges:
+                todo.append(t.grad_fn)
+        elif t.requires_grad and id(t) not in stop_ids:
+            found.setdefault(id(t), t)
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if isinstance(leaf, Tensor):
+            if id(leaf) not in stop_ids:
+                found.setdefault(id(leaf), leaf)
+            continue
+        for edge in reversed(node.next_functions):  # type: ignore[attr-defined]
+            if edge[0] is not None and edge not in stop_edges:
+                todo.append(edge[0])
+    return list(found.values())
 
 
 def _check_dense(g: Tensor, index: int) -> None:
@@ -57,10 +229,55 @@ def _check_dense(g: Tensor, index: int) -> None:
         )
 
 
-def _sequential(losses: Sequence[Tensor], params: list[Tensor], retain_graph: bool) -> list[Tensor | None]:
+def _per_term(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    num_stacked: int,
+    *,
+    batched: bool,
+    retain_graph: bool,
+    sum_weights: Tensor | None = None,
+) -> list[Tensor | None]:
+    """Per-term gradients: ``(K, *p.shape)`` stacks for ``params[:num_stacked]``; for the
+    rest (task-specific parameters) ``sum_i c_i dL_i/dp`` with ``c = sum_weights`` (ones by
+    default), accumulated without keeping K copies."""
+    if batched:
+        try:
+            return _batched(losses, params, num_stacked, sum_weights)
+        except RuntimeError as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            # Some operations have no vmap rule; the sequential path is always exact. It
+            # runs first so that an error unrelated to batching (e.g. a freed graph)
+            # surfaces as itself, without a misleading warning.
+            out = _sequential(losses, params, num_stacked, retain_graph, sum_weights)
+            warn_once(
+                "engine-batched-fallback",
+                f"batched per-term gradients failed ({type(err).__name__}: {err}); "
+                "fell back to K sequential backward passes",
+            )
+            return out
+    return _sequential(losses, params, num_stacked, retain_graph, sum_weights)
+
+
+def _sequential(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    num_stacked: int,
+    retain_graph: bool,
+    sum_weights: Tensor | None = None,
+) -> list[Tensor | None]:
+    # Each term is differentiated on its own (not through a stacked vector), so that pass i
+    # traverses only the part of the graph that L_i depends on: zero gradients are not
+    # pushed through the other terms' heads.
     k = len(losses)
     out: list[Tensor | None] = [None] * len(params)
+    if not params:
+        return out
+    coef = None if sum_weights is None else sum_weights.detach().cpu().tolist()
     for i, loss in enumerate(losses):
+        if not loss.requires_grad:
+            continue
         grads = torch.autograd.grad(
             loss, params, retain_graph=retain_graph or i < k - 1, allow_unused=True
         )
@@ -69,27 +286,329 @@ def _sequential(losses: Sequence[Tensor], params: list[Tensor], retain_graph: bo
                 continue
             _check_dense(g, j)
             buf = out[j]
-            if buf is None:
-                buf = g.new_zeros((k, *g.shape))
-                out[j] = buf
-            buf[i].copy_(g)
+            if j < num_stacked:
+                if buf is None:
+                    buf = g.new_zeros((k, *g.shape))
+                    out[j] = buf
+                buf[i].copy_(g)
+            elif buf is None:
+                out[j] = g.clone() if coef is None else g * coef[i]
+            elif coef is None:
+                buf.add_(g)
+            else:
+                buf.add_(g, alpha=coef[i])
     return out
 
 
-def _batched(losses: Sequence[Tensor], params: list[Tensor], _retain_graph: bool) -> list[Tensor | None]:
+def _batched(
+    losses: Sequence[Tensor],
+    params: Sequence[Tensor],
+    num_stacked: int,
+    sum_weights: Tensor | None = None,
+) -> list[Tensor | None]:
+    if not params:
+        return []
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     eye = torch.eye(len(losses), dtype=stacked.dtype, device=stacked.device)
     # The graph is retained so that the sequential fallback can still run if a batching
     # rule is missing midway; it is freed with the caller's references to the losses.
     grads = torch.autograd.grad(
         stacked,
-        params,
+        list(params),
         grad_outputs=eye,
         retain_graph=True,
         allow_unused=True,
         is_grads_batched=True,
     )
+    out: list[Tensor | None] = []
     for j, g in enumerate(grads):
         if g is not None:
             _check_dense(g, j)
-    return list(grads)
+            if j >= num_stacked:
+                g = g.sum(0) if sum_weights is None else _combine(sum_weights, g)
+        out.append(g)
+    return out
+
+
+def _combine(alpha: Tensor, stack: Tensor) -> Tensor:
+    """``sum_i alpha_i stack[i]`` in the stack's dtype (a fresh contiguous tensor)."""
+    a = alpha.to(dtype=stack.dtype, device=stack.device)
+    return (a @ stack.reshape(stack.shape[0], -1)).view(stack.shape[1:])
+
+
+# --------------------------------------------------------------------------- steps
+
+
+@dataclass
+class TermStep:
+    """The first half of a balanced backward: the Gramian, then the gradients to write.
+
+    Attributes:
+        gramian: the ``(K, K)`` float64 Gramian of the per-term gradients.
+        fixed: ``(leaf, gradient)`` pairs that do not depend on the weights (task-specific
+            leaves: ``sum_i c_i`` of their per-term gradients).
+        finish: ``finish(beta)`` returns the ``(leaf, gradient)`` pairs of the shared
+            parameters, ``sum_i beta_i g_i`` (may run one more backward pass).
+    """
+
+    gramian: Tensor
+    fixed: list[tuple[Tensor, Tensor]]
+    finish: Callable[[Tensor], list[tuple[Tensor, Tensor]]]
+
+
+def exact_or_gramian_terms(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    extra: Sequence[Tensor],
+    *,
+    mode: str,
+    retain_graph: bool,
+    extra_weights: Tensor | None = None,
+) -> TermStep:
+    """Gramian of the per-term gradients of ``shared`` (exact, batched or Gramian-only).
+
+    ``losses`` are the K scalar terms. ``extra`` (task-specific leaves) get
+    ``sum_i c_i`` of their per-term gradients (``c = extra_weights``, ones by default),
+    computed in the same backward passes.
+    """
+    if mode == "gramian":
+        try:
+            return _gramian_only(losses, shared, extra, retain_graph, extra_weights)
+        except (RuntimeError, NotImplementedError) as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            # exact first: an error unrelated to double backward surfaces as itself
+            step = _exact(
+                losses, shared, extra, False, retain_graph=retain_graph, extra_weights=extra_weights
+            )
+            warn_once(
+                "engine-gramian-fallback",
+                "mode='gramian' needs double backward, which this model does not support "
+                f"({type(err).__name__}: {err}); fell back to mode='exact' (K gradient copies)",
+            )
+            return step
+    return _exact(
+        losses,
+        shared,
+        extra,
+        mode == "batched",
+        retain_graph=retain_graph,
+        extra_weights=extra_weights,
+    )
+
+
+def _exact(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    extra: Sequence[Tensor],
+    batched: bool,
+    *,
+    retain_graph: bool,
+    extra_weights: Tensor | None,
+) -> TermStep:
+    k = len(losses)
+    n = len(shared)
+    grads = _per_term(
+        losses,
+        [*shared, *extra],
+        n,
+        batched=batched,
+        retain_graph=retain_graph,
+        sum_weights=extra_weights,
+    )
+    gram = torch.zeros(k, k, dtype=torch.float64, device=_acc_device(losses[0]))
+    stacks = [(p, g) for p, g in zip(shared, grads[:n], strict=True) if g is not None]
+    for _, g in stacks:
+        _add_gramian(gram, g)
+    fixed = [(p, g) for p, g in zip(extra, grads[n:], strict=True) if g is not None]
+
+    def finish(beta: Tensor) -> list[tuple[Tensor, Tensor]]:
+        return [(p, _combine(beta, g)) for p, g in stacks]
+
+    return TermStep(gram, fixed, finish)
+
+
+class _NoDoubleBackward(RuntimeError):
+    pass
+
+
+def _check_double_backward(gram: Tensor, norms: Tensor, dtype: torch.dtype) -> None:
+    """The diagonal must be the squared norms ||g_i||^2 computed directly, and the matrix
+    symmetric; a cut double-backward path (see ``_gramian_only``) breaks one or the other."""
+    rtol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 5e-2)
+    diag = gram.diagonal()
+    if not torch.isfinite(gram).all() or not torch.isfinite(norms).all():
+        return  # the caller reports non-finite gradients
+    scale = torch.sqrt(norms.clamp_min(0)[:, None] * norms.clamp_min(0)[None, :])
+    tiny = torch.finfo(dtype).tiny
+    bad_diag = (diag - norms).abs() > rtol * norms + tiny
+    bad_sym = (gram - gram.T).abs() > rtol * scale + tiny
+    if bool(bad_diag.any() | bad_sym.any()):
+        raise _NoDoubleBackward(
+            "the double-backward Gramian does not match the per-term gradient norms (an "
+            "operation on the path has no double backward)"
+        )
+
+
+def _gramian_only(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    extra: Sequence[Tensor],
+    retain_graph: bool,
+    extra_weights: Tensor | None,
+) -> TermStep:
+    # v(w) = J^T w is linear in w; with w = e_i its value is g_i, and the gradient of
+    # <v(w), g_i> with respect to w is J g_i, column i of the Gramian. Each iteration keeps
+    # one gradient copy and the graph of one double backward, freed before the next.
+    k = len(losses)
+    n = len(shared)
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    inputs = [*shared, *extra]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=_acc_device(stacked))
+    norms = torch.zeros(k, dtype=torch.float64, device=gram.device)
+    coef = None if extra_weights is None else extra_weights.detach().cpu().tolist()
+    sums: list[Tensor | None] = [None] * len(extra)
+    for i in range(k):
+        w = torch.zeros(k, dtype=stacked.dtype, device=stacked.device)
+        w[i] = 1.0
+        w.requires_grad_()
+        vs = torch.autograd.grad(
+            stacked, inputs, grad_outputs=w, create_graph=True, allow_unused=True
+        )
+        for j, v in enumerate(vs[n:]):
+            if v is not None:
+                _check_dense(v, n + j)
+                v = v.detach() if coef is None else v.detach() * coef[i]
+                acc = sums[j]
+                sums[j] = v.clone() if acc is None else acc.add_(v)
+        v_shared = [v for v in vs[:n] if v is not None]
+        del vs
+        for j, v in enumerate(v_shared):
+            _check_dense(v, j)
+            norms[i] += v.detach().to(torch.float64).square().sum().to(norms.device)
+        # an operation without double backward (@once_differentiable, some custom or fused
+        # kernels) cuts the path from v to w: its share of the column silently reads 0
+        v_diff = [v for v in v_shared if v.requires_grad]
+        if v_diff:
+            (col,) = torch.autograd.grad(
+                v_diff, w, grad_outputs=[v.detach() for v in v_diff], allow_unused=True
+            )
+            if col is not None:
+                gram[:, i] = col.detach().to(device=gram.device, dtype=torch.float64)
+        del v_shared, v_diff
+    _check_double_backward(gram, norms, stacked.dtype)
+    gram = (gram + gram.T) / 2
+    fixed = [(p, g) for p, g in zip(extra, sums, strict=True) if g is not None]
+
+    def finish(beta: Tensor) -> list[tuple[Tensor, Tensor]]:
+        if not shared:
+            return []
+        b = beta.to(dtype=stacked.dtype, device=stacked.device)
+        grads = torch.autograd.grad(
+            stacked, list(shared), grad_outputs=b, retain_graph=retain_graph, allow_unused=True
+        )
+        return [(p, g) for p, g in zip(shared, grads, strict=True) if g is not None]
+
+    return TermStep(gram, fixed, finish)
+
+
+def feature_terms(
+    losses: Sequence[Tensor],
+    features: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    *,
+    retain_graph: bool,
+    with_extra: bool = True,
+    exclude: Sequence[Tensor] = (),
+    extra_weights: Tensor | None = None,
+) -> TermStep:
+    """Gramian of the per-term gradients of the features z (flattened per sample).
+
+    The K per-term passes stop at z, so they traverse the heads only (pass i only head
+    i). Leaves the losses reach without going through z (the heads' parameters) are
+    included in those passes: shared ones get ``sum_i beta_i`` of their per-term
+    gradients, the others ``sum_i c_i`` (``c = extra_weights``, ones by default).
+    ``finish(beta)`` then runs one backward through the trunk with ``sum_i beta_i dL_i/dz``
+    for the shared leaves behind z (and, only if there are non-shared leaves behind z, one
+    more with ``sum_i c_i dL_i/dz`` for those). Leaves in ``exclude`` get nothing.
+
+    A leaf reached both through z and around it (a trunk weight that a head uses too)
+    gets its whole per-term gradients in the K passes, which then also traverse the trunk
+    up to that leaf: correct, but no longer cheap in K.
+    """
+    k = len(losses)
+    shared_ids = {id(p) for p in shared}
+    excluded = {id(p) for p in exclude}
+    head = reachable_leaves(losses, stop=features) if with_extra else []
+    head = [p for p in head if id(p) not in excluded]
+    head_shared = [p for p in head if id(p) in shared_ids]
+    head_extra = [p for p in head if id(p) not in shared_ids]
+    if head_shared:
+        warn_once(
+            "engine-features-bypassed",
+            f"{len(head_shared)} shared parameter(s) are reached by the losses without going "
+            "through features=...: their per-term gradients are computed in full (the K "
+            "passes then traverse the trunk up to them) and they do not enter the Gramian. "
+            "Intended for weights tied between trunk and heads; otherwise pass as features "
+            "every trunk output that the heads use",
+        )
+    nz, ns = len(features), len(head_shared)
+    grads = _per_term(
+        losses,
+        [*features, *head_shared, *head_extra],
+        nz + ns,
+        batched=False,
+        retain_graph=True,  # the trunk pass below may share nodes with the head passes
+        sum_weights=extra_weights,
+    )
+    z_grads = grads[:nz]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=_acc_device(losses[0]))
+    for g in z_grads:
+        if g is not None:
+            _add_gramian(gram, g)
+    if all(g is None for g in z_grads):
+        warn_once(
+            "engine-features-unreached",
+            "no loss term reaches the features passed as features=...; the Gramian is zero "
+            "(pass the trunk's output that the heads take as input)",
+        )
+    fixed = [(p, g) for p, g in zip(head_extra, grads[nz + ns :], strict=True) if g is not None]
+    head_stacks = [
+        (p, g) for p, g in zip(head_shared, grads[nz : nz + ns], strict=True) if g is not None
+    ]
+
+    def finish(beta: Tensor) -> list[tuple[Tensor, Tensor]]:
+        out = [(p, _combine(beta, g)) for p, g in head_stacks]
+        reached = [(z, g) for z, g in zip(features, z_grads, strict=True) if g is not None]
+        if not reached:
+            return out
+        zs = [z for z, _ in reached]
+        # the features are activations, not parameters: they get no .grad. Leaves the
+        # losses also reach around z already have their whole per-term gradients (autograd
+        # does not stop at an input), so the trunk pass must not count them again
+        done = {id(z) for z in features} | {id(p) for p in head} | excluded
+        trunk = [p for p in reachable_leaves(zs) if id(p) not in done]
+        trunk_shared = [p for p in trunk if id(p) in shared_ids]
+        trunk_extra = [p for p in trunk if id(p) not in shared_ids] if with_extra else []
+        if trunk_shared:
+            grads = torch.autograd.grad(
+                zs,
+                trunk_shared,
+                grad_outputs=[_combine(beta, g) for _, g in reached],
+                retain_graph=retain_graph or bool(trunk_extra),
+                allow_unused=True,
+            )
+            out += [(p, g) for p, g in zip(trunk_shared, grads, strict=True) if g is not None]
+        if trunk_extra:
+            c = torch.ones(k) if extra_weights is None else extra_weights
+            grads = torch.autograd.grad(
+                zs,
+                trunk_extra,
+                grad_outputs=[_combine(c, g) for _, g in reached],
+                retain_graph=retain_graph,
+                allow_unused=True,
+            )
+            out += [(p, g) for p, g in zip(trunk_extra, grads, strict=True) if g is not None]
+        return out
+
+    return TermStep(gram, fixed, finish)

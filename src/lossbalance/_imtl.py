@@ -1,0 +1,309 @@
+"""IMTL: impartial multi-task learning (gradient balance IMTL-G, loss balance IMTL-L, hybrid)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lossbalance._base import GradientBalancer, LossBalancer, gramian
+from lossbalance._mgda import (
+    affine_direction,
+    check_gramian,
+    check_matrix,
+    gramian_to_numpy,
+    to_weights,
+    warn_degenerate,
+)
+from lossbalance._registry import MethodInfo, register
+from lossbalance._validation import warn_once
+
+__all__ = [
+    "IMTL",
+    "IMTLG",
+    "IMTLL",
+    "imtl_g_weights",
+    "imtl_g_weights_from_gramian",
+    "imtl_l_loss",
+]
+
+_PAPER = "Liu et al., ICLR 2021"
+
+
+def _imtl_g(gram: Tensor, method: str) -> Tensor:
+    m = gramian_to_numpy(gram)
+    k = m.shape[0]
+    diag = np.diag(m).copy()
+    zero = warn_degenerate(method, diag)
+    alpha = np.zeros(k)
+    live = np.flatnonzero(~zero)
+    if live.size == 0:
+        # Every gradient is zero: any weights give the same (zero) gradient.
+        return to_weights(np.full(k, 1.0 / k), gram)
+    norms = np.sqrt(diag[live])
+    cosines = m[np.ix_(live, live)] / np.outer(norms, norms)
+    # g = sum_i beta_i u_i has equal projections onto every u_j iff C beta is constant.
+    beta, singular = affine_direction(cosines)
+    if singular:
+        warn_once(
+            f"{method}:singular",
+            f"{method}: the unit gradients are linearly dependent (duplicate or parallel "
+            "gradients, or more terms than dimensions); using the least-norm solution",
+            stacklevel=4,
+        )
+    raw = beta / norms
+    total = float(raw.sum())
+    if abs(total) <= 1e-12 * float(np.abs(raw).sum()):
+        warn_once(
+            f"{method}:no-normalization",
+            f"{method}: the equal-projection direction has weights summing to 0, so "
+            "sum(alpha) = 1 has no solution; normalising by sum(|alpha|) instead",
+            stacklevel=4,
+        )
+        total = float(np.abs(raw).sum())
+    elif total < 0.0:
+        warn_once(
+            f"{method}:negative-projection",
+            f"{method}: with sum(alpha) = 1 the combined gradient has the same negative "
+            "projection on every unit gradient, so a descent step increases every term "
+            "to first order (as the paper's formula prescribes)",
+            stacklevel=4,
+        )
+    alpha[live] = raw / total
+    return to_weights(alpha, gram)
+
+
+def imtl_g_weights_from_gramian(gram: Tensor) -> Tensor:
+    """IMTL-G weights from the K x K Gramian ``G G^T``; see :func:`imtl_g_weights`."""
+    check_gramian(gram)
+    return _imtl_g(gram, "imtl-g")
+
+
+def imtl_g_weights(matrix: Tensor) -> Tensor:
+    r"""IMTL-G weights: the combined gradient has equal projections on every unit gradient.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.1 (gradient
+    balance).
+    With g_i the rows of ``matrix`` (G), u_i = g_i / ||g_i||, D the rows g_1 - g_t and U
+    the rows u_1 - u_t (t = 2..K):
+
+    .. math::
+        \alpha_{2:K} = g_1 U^T (D U^T)^{-1}, \qquad \alpha_1 = 1 - \sum_{t \ge 2} \alpha_t,
+
+    so that g = sum_i alpha_i g_i satisfies g . u_i = g . u_j for all i, j, and the
+    direction of g is unchanged when any g_i is rescaled (the paper's Theorem 2).
+
+    We solve the equivalent symmetric system: with C_ij = u_i . u_j (the cosine matrix),
+    g = sum_i beta_i u_i has equal projections iff C beta is constant, so
+    beta = C^{-1} 1 and alpha_i = (beta_i / ||g_i||) / sum_j (beta_j / ||g_j||). This is
+    the paper's alpha wherever D U^T is invertible, is scale-free by construction, and
+    extends to the degenerate cases, which warn once and stay finite: a zero gradient gets
+    alpha_i = 0 and the others are balanced among themselves; duplicate or parallel
+    gradients (singular C) get the least-norm solution, shared equally between
+    duplicates; K = 1 gives alpha = [1]. When ``sum_j beta_j / ||g_j||`` is negative
+    (nearly dependent unit gradients with different norms), the paper's normalisation
+    makes the common projection negative, so a step along -g increases every term; we
+    keep the paper's alpha and warn once.
+
+    Args:
+        matrix: K x P per-term gradients, rows are terms.
+
+    Returns:
+        alpha, shape ``(K,)``, float64, summing to 1.
+
+    Example:
+        >>> import torch
+        >>> from lossbalance.functional import imtl_g_weights
+        >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]])
+        >>> alpha = imtl_g_weights(G)
+        >>> alpha
+        tensor([0.8000, 0.2000], dtype=torch.float64)
+        >>> alpha.float() @ G  # equal projections on (1, 0) and (0, 1)
+        tensor([0.8000, 0.8000])
+    """
+    check_matrix(matrix)
+    return imtl_g_weights_from_gramian(gramian(matrix))
+
+
+def imtl_l_loss(losses: Tensor, s: Tensor) -> Tensor:
+    r"""The IMTL-L scaled loss ``sum_i (e^{s_i} L_i - s_i)``.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2, Eq. (6)
+    (with base e).
+    Minimising over s gives ``e^{s_i} L_i = 1``: every scaled loss is driven to the same
+    value. Needs ``L_i > 0`` (for ``L_i <= 0`` the minimum over s_i does not exist).
+
+    Args:
+        losses: the K losses, shape ``(K,)`` (differentiable).
+        s: the K log-scales, shape ``(K,)`` (differentiable).
+
+    Returns:
+        The scalar ``sum_i (exp(s_i) * L_i - s_i)``.
+
+    Example:
+        >>> import torch
+        >>> from lossbalance.functional import imtl_l_loss
+        >>> imtl_l_loss(torch.tensor([2.0, 0.5]), torch.zeros(2))
+        tensor(2.5000)
+    """
+    return _scaled_losses(losses, s).sum()
+
+
+def _scaled_losses(losses: Tensor, s: Tensor) -> Tensor:
+    if losses.dim() != 1 or s.shape != losses.shape:
+        raise ValueError(
+            f"expected losses and s of the same shape (K,), "
+            f"got {tuple(losses.shape)} and {tuple(s.shape)}"
+        )
+    return torch.exp(s) * losses - s
+
+
+def _warn_nonpositive(losses: Tensor, method: str) -> None:
+    if bool((losses.detach() <= 0).any()):
+        warn_once(
+            f"{method}:nonpositive-loss",
+            f"{method}: a loss is <= 0, where e^s L - s has no minimum in s "
+            "(the scale grows without bound); IMTL-L needs positive losses",
+            stacklevel=4,
+        )
+
+
+class IMTLG(GradientBalancer):
+    r"""IMTL-G: gradient weights giving equal projections on every unit task gradient.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.1; the math
+    is in :func:`imtl_g_weights`. Stateless.
+
+    Args:
+        num_terms: K >= 1.
+
+    Example:
+        >>> import torch
+        >>> from lossbalance import IMTLG
+        >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+        >>> IMTLG(2).weights(G @ G.T, torch.ones(2))
+        tensor([0.8000, 0.2000], dtype=torch.float64)
+
+    Differences from the paper: the paper differentiates with respect to the shared
+    features z rather than the shared parameters to save time; that is the engine's
+    feature mode (the Gramian of the feature gradients).
+    """
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        check_gramian(gramian, self.num_terms, type(self).__name__)
+        self._check_terms(losses)
+        return self._record(_imtl_g(gramian, "imtl-g"))
+
+
+class IMTLL(LossBalancer):
+    r"""IMTL-L: learnable log-scales s with the scaled loss ``e^{s_i} L_i - s_i``.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.2, Eq. (6)
+    (with base e):
+
+    .. math::
+        L = \sum_i \left(e^{s_i} L_i - s_i\right), \qquad
+        \partial L / \partial s_i = 0 \iff e^{s_i} L_i = 1,
+
+    so minimising over ``s`` (``self.log_scales``, init 0, trained by the user's optimizer
+    together with the model) scales every loss to 1. ``last_weights`` are ``e^{s}``.
+
+    Args:
+        num_terms: K >= 1.
+
+    Example:
+        >>> import torch
+        >>> from lossbalance import IMTLL
+        >>> balancer = IMTLL(2)
+        >>> balancer(torch.tensor([2.0, 0.5]))
+        tensor(2.5000, grad_fn=<SumBackward0>)
+        >>> balancer.last_weights
+        tensor([1., 1.])
+
+    Losses must be positive; a loss <= 0 warns once (its s_i would grow without bound).
+    """
+
+    def __init__(self, num_terms: int) -> None:
+        super().__init__(num_terms)
+        self.log_scales = nn.Parameter(torch.zeros(num_terms))
+
+    def forward(self, losses: Tensor) -> Tensor:
+        self._check_terms(losses)
+        _warn_nonpositive(losses, "imtl-l")
+        s = self.log_scales
+        self._record(torch.exp(s.detach()))
+        return _scaled_losses(losses, s.to(losses.dtype)).sum()
+
+
+class IMTL(GradientBalancer):
+    r"""Hybrid IMTL: IMTL-L scales the losses, IMTL-G balances their gradients.
+
+    Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Algorithm 1.
+    ``transform(losses)`` returns the scaled losses ``e^{s_i} L_i - s_i`` (differentiable
+    in ``s = self.log_scales`` and in the model); ``weights(gramian, losses)`` applies
+    IMTL-G (:func:`imtl_g_weights`) to the Gramian of their gradients. The engine then
+    writes ``sum_i alpha_i grad(e^{s_i} L_i)`` into the shared parameters, and the
+    gradient of ``sum_i (e^{s_i} L_i - s_i)`` into the task-specific parameters and s.
+
+    Args:
+        num_terms: K >= 1.
+
+    Example:
+        >>> import torch
+        >>> from lossbalance import IMTL
+        >>> balancer = IMTL(2)
+        >>> balancer.transform(torch.tensor([2.0, 0.5]))
+        tensor([2.0000, 0.5000], grad_fn=<SubBackward0>)
+        >>> G = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+        >>> balancer.weights(G @ G.T, torch.tensor([2.0, 0.5]))
+        tensor([0.8000, 0.2000], dtype=torch.float64)
+
+    Differences from the paper: as for :class:`IMTLG`, the paper uses the gradients with
+    respect to the shared features (the engine's feature mode).
+    """
+
+    def __init__(self, num_terms: int) -> None:
+        super().__init__(num_terms)
+        self.log_scales = nn.Parameter(torch.zeros(num_terms))
+
+    def transform(self, losses: Tensor) -> Tensor:
+        self._check_terms(losses)
+        _warn_nonpositive(losses, "imtl")
+        return _scaled_losses(losses, self.log_scales.to(losses.dtype))
+
+    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
+        check_gramian(gramian, self.num_terms, type(self).__name__)
+        self._check_terms(losses)
+        return self._record(_imtl_g(gramian, "imtl"))
+
+
+register(
+    MethodInfo(
+        name="imtl-g",
+        factory=IMTLG,
+        needs="gramian",
+        stateful=False,
+        paper=_PAPER,
+        summary="IMTL-G: equal projections of the update on every unit task gradient",
+    )
+)
+register(
+    MethodInfo(
+        name="imtl-l",
+        factory=IMTLL,
+        needs="losses",
+        stateful=True,
+        paper=_PAPER,
+        summary="IMTL-L: learnable log-scales s with scaled losses e^s L - s",
+    )
+)
+register(
+    MethodInfo(
+        name="imtl",
+        factory=IMTL,
+        needs="gramian",
+        stateful=True,
+        paper=_PAPER,
+        summary="hybrid IMTL: IMTL-L scaled losses balanced by IMTL-G",
+    )
+)
