@@ -149,6 +149,9 @@ def run_reference(model, data, **kw):
 
 OPTIONS = [
     {},
+    {"sync_free": True},
+    {"sync_free": True, "second_moment": "own"},
+    {"sync_free": True, "eps": 0.0},
     {"weight_decay": 0.1},
     {"weight_decay": 0.1, "decoupled_weight_decay": True},
     {"term_weights": [1.0, 2.0, 0.5]},
@@ -430,16 +433,18 @@ def test_state_memory_bound():
 # ----------------------------------------------------------------------------- NaN guard
 
 
+@pytest.mark.parametrize("sync_free", [None, True], ids=["host-check", "sync-free"])
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
 @pytest.mark.parametrize("where", [0, 4])
-def test_nan_step_is_skipped_exactly(where):
+def test_nan_step_is_skipped_exactly(where, eps, sync_free):
     data = batches(10)
     model = make_model()
-    opt = MTAdam(model.parameters(), lr=1e-2)
+    opt = MTAdam(model.parameters(), lr=1e-2, eps=eps)
     for x in data:
         opt.step(model.losses(x))
 
     guarded = make_model()
-    opt_g = MTAdam(guarded.parameters(), lr=1e-2)
+    opt_g = MTAdam(guarded.parameters(), lr=1e-2, eps=eps, sync_free=sync_free)
     with pytest.warns(LossBalanceWarning, match="skipped a step"):
         for k, x in enumerate(data):
             if k == where:
@@ -465,9 +470,10 @@ def test_nan_step_is_skipped_exactly(where):
         assert torch.equal(p, q)
 
 
-def test_inf_gradient_via_step_with_grads_is_skipped_and_warns_once():
+@pytest.mark.parametrize("sync_free", [None, True], ids=["host-check", "sync-free"])
+def test_inf_gradient_via_step_with_grads_is_skipped_and_warns_once(sync_free):
     model = nn.Linear(3, 1).double()
-    opt = MTAdam(model.parameters(), lr=1e-2)
+    opt = MTAdam(model.parameters(), lr=1e-2, sync_free=sync_free)
     good = [[torch.ones_like(p) for p in model.parameters()] for _ in range(2)]
     opt.step_with_grads(good)
     before = [p.clone() for p in model.parameters()]

@@ -94,6 +94,10 @@ class MTAdam(Optimizer):
             single-process training on the concatenated batch). ``"auto"`` (default) uses
             the default group when one is initialised with more than one rank; ``None``
             disables averaging.
+        sync_free: never read a tensor value on the host inside :meth:`step`: a non-finite
+            step is applied with zero weights instead of being branched on. ``None``
+            (default) means on accelerators; on the CPU reading the flag costs nothing, so
+            a bad step returns early there.
 
     Example:
         >>> import torch, lossbalance
@@ -141,6 +145,7 @@ class MTAdam(Optimizer):
         magnitude_init: str = "first",
         grad_mode: str = "auto",
         process_group: Any = "auto",
+        sync_free: bool | None = None,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("MTAdam takes lr as a float")
@@ -168,6 +173,7 @@ class MTAdam(Optimizer):
         self.magnitude_init = magnitude_init
         self.grad_mode = grad_mode
         self.process_group = process_group
+        self.sync_free = sync_free
         self.threshold = 1e-10
         self._accum: dict[Tensor, Tensor] = {}
         self._accum_losses: Tensor | None = None
@@ -423,6 +429,7 @@ class MTAdam(Optimizer):
             f"    second_moment: {self.second_moment}\n"
             f"    magnitude_init: {self.magnitude_init}\n"
             f"    grad_mode: {self.grad_mode}\n"
+            f"    sync_free: {self.sync_free}\n"
         )
         head, _, rest = text.partition("\n")
         return f"{head}\nOptions\n    {options}{rest}"
@@ -478,6 +485,12 @@ class MTAdam(Optimizer):
         finite = torch.isfinite(norms).all()
         if loss_vec is not None:
             finite = finite & torch.isfinite(loss_vec.to(home)).all()
+        # On the CPU the flag is read for free (no device to wait for): a bad step returns
+        # here, and good steps skip the masking that keeps accelerator steps sync-free.
+        masked = self.sync_free if self.sync_free is not None else home.type != "cpu"
+        if not masked and not bool(finite):
+            self._record_finite(finite)
+            return finite
         weights = self._term_weight_tensor(home)
         start = 0
         for group, ps in zip(self.param_groups, groups):
@@ -506,6 +519,7 @@ class MTAdam(Optimizer):
                 threshold=self.threshold,
                 norms=norms[start : start + len(ps)],
                 finite=finite,
+                masked=masked,
             )
             start += len(ps)
         self._record_finite(finite)
@@ -670,6 +684,7 @@ def mtadam(
     threshold: float = 1e-10,
     norms: Tensor | None = None,
     finite: Tensor | None = None,
+    masked: bool = True,
 ) -> Tensor:
     """Functional MTAdam update of one parameter group (math in :class:`MTAdam`), in place.
 
@@ -690,6 +705,9 @@ def mtadam(
             ``grads`` if ``None`` (the optimizer passes them for module/global grouping).
         finite: 0-dim bool; when ``False`` nothing changes. Computed from ``norms`` if
             ``None``.
+        masked: apply ``finite`` by masking, without reading it on the host (default). With
+            ``False`` the caller guarantees that ``finite`` is true, and the masking passes
+            are skipped.
 
     Returns:
         The 0-dim bool ``finite`` flag. No host synchronisation happens.
@@ -756,7 +774,8 @@ def mtadam(
         master = p if p.dtype == dt else p.to(dt)
         if weight_decay != 0 and not decoupled_weight_decay:
             g[0].add_(master, alpha=weight_decay)
-        g.masked_fill_(skip.to(dev), 0.0)
+        if masked:
+            g.masked_fill_(skip.to(dev), 0.0)
 
         m, v = exp_avgs[k], exp_avg_sqs[k]
         m.lerp_(g if second_moment == "own" else g.sum(0), rate1)
@@ -770,12 +789,13 @@ def mtadam(
             master.mul_(shrink)
         if second_moment == "own":
             update = (m * step_size / (v.sqrt() / bc2s).add_(eps)).sum(0)
-            new = master.add_(update) if eps != 0 else master.add(update)
+            new = master.add_(update) if eps != 0 or not masked else master.add(update)
         else:
             denom = (v.amax(0) if second_moment == "max" else v).sqrt().div_(bc2s).add_(eps)
             scaled = m * step_size
-            new = master.addcdiv_(scaled, denom) if eps != 0 else master.addcdiv(scaled, denom)
-        if eps == 0:
+            in_place = eps != 0 or not masked
+            new = master.addcdiv_(scaled, denom) if in_place else master.addcdiv(scaled, denom)
+        if eps == 0 and masked:
             # 0/0 where a coordinate never had a gradient: a skipped step must stay a no-op
             new = master.copy_(torch.where(skip.to(dev), master, new))
         if new is not p:
