@@ -1,0 +1,339 @@
+"""The ``lossbalance`` command line.
+
+Subcommands::
+
+    lossbalance list                     methods from the registry (needs, paper)
+    lossbalance demo                     weighted per-class terms on the 8x8 digits (CPU, < 2 min)
+    lossbalance mnist [--ablation]       MTAdam paper, Table 1 (Table 5 with --ablation)
+    lossbalance multimnist               IMTL paper, Table 1 protocol at small scale
+
+Every experiment writes ``summary.json``, ``results.json``, ``results.md`` (its header
+holds the exact command) and PNG plots into ``--out`` and prints the table. The method
+names come from :mod:`lossbalance.experiments.methods` and the registry; an unknown name is
+an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+
+def _out(text: str = "") -> None:
+    """The CLI's own output (tables, paths): stdout, nothing else prints."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(f"lossbalance: error: {text}\n")
+    sys.stderr.flush()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _default(config_cls: type, name: str) -> Any:
+    for f in fields(config_cls):
+        if f.name == name:
+            if callable(f.default_factory):  # type: ignore[misc]
+                return f.default_factory()  # type: ignore[misc]
+            return f.default
+    raise KeyError(name)
+
+
+def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> None:
+    d = lambda name: _default(config_cls, name)  # noqa: E731
+    g = p.add_argument_group("common options")
+    g.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="rows to run, space- or comma-separated: sgd-m, rmsprop, adam, mtadam, "
+        "mtadam-<ablation>, any registry balancer (see 'lossbalance list'), or 'all'"
+        + ("; prefix 'balanced-' for unit term weights" if command in ("demo", "mnist") else "")
+        + (f" (default: {' '.join(d('methods'))})" if d("methods") else ""),
+    )
+    g.add_argument("--seeds", type=_positive_int, help=f"seeds per row (default: {d('seeds')})")
+    g.add_argument("--first-seed", type=int, help="first seed (default: 0)")
+    g.add_argument(
+        "--device",
+        help="auto, cpu, cuda or cuda:N (default: auto: cuda when available)",
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out") / command,
+        help=f"output directory (default: out/{command})",
+    )
+    g.add_argument("--epochs", type=_positive_int, help=f"default: {d('epochs')}")
+    g.add_argument("--batch-size", type=_positive_int, help=f"default: {d('batch_size')}")
+    g.add_argument(
+        "--lr", type=float, help=f"learning rate of every optimizer (default: {d('lr'):g})"
+    )
+    g.add_argument(
+        "--max-batches", type=_positive_int, help="cap on steps per epoch (tiny test runs)"
+    )
+    g.add_argument(
+        "--train-limit", type=_positive_int, help="use only the first N training examples"
+    )
+    g.add_argument("--test-limit", type=_positive_int, help="evaluate on the first N test examples")
+    g.add_argument(
+        "--evals-per-epoch",
+        type=_positive_int,
+        help=f"test evaluations per epoch (default: {d('evals_per_epoch')})",
+    )
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads during the runs (default: "
+        + ("1: the tiny model is fastest on one" if d("threads") == 1 else "torch's")
+        + ")",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the runs already in --out (results.json, or the runs.jsonl checkpoint "
+        "of an interrupted command) that have the same settings; train only the missing "
+        "(method, seed) pairs. Lets a long experiment run in several pieces.",
+    )
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data-dir",
+        help="directory with the idx .gz files, directly or in a <dataset>/ subdirectory "
+        "(default: $LOSSBALANCE_DATA_DIR, else ./data)",
+    )
+    g.add_argument(
+        "--dataset", choices=["mnist", "fashion-mnist"], help="source images (default: mnist)"
+    )
+    g.add_argument("--no-download", action="store_true", help="never download (offline machines)")
+    g.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the md5 check of local files (a copy re-compressed by hand; downloads "
+        "are always checked)",
+    )
+
+
+def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
+    """The argument parser of the command line."""
+    import lossbalance
+    from lossbalance.experiments.demo import DemoConfig
+    from lossbalance.experiments.mnist import MnistConfig
+    from lossbalance.experiments.multimnist import MultiMnistConfig
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Automatic balancing of multi-term losses: MTAdam and the multi-task "
+        "balancing methods, with the experiments of their papers.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"lossbalance {lossbalance.__version__}"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("list", help="list the methods of the registry", description="List the methods.")
+
+    demo = sub.add_parser(
+        "demo",
+        help="ten weighted per-class terms on the bundled 8x8 digits (no data files, CPU, < 2 min)",
+        description="Balanced Adam, unbalanced Adam and unbalanced MTAdam on ten per-class "
+        "loss terms with weights w_i ~ U(1, 1000), on scikit-learn's 8x8 digits.",
+    )
+    _add_common(demo, DemoConfig, "demo")
+    demo.add_argument("--hidden", type=_positive_int, help="MLP hidden width (default: 64)")
+    demo.add_argument(
+        "--weights", choices=["paper", "authors"], help="weight scheme (default: paper)"
+    )
+    demo.add_argument(
+        "--ablation",
+        action="store_true",
+        help="MTAdam and its five Table 5 variants instead of the default rows",
+    )
+
+    mnist = sub.add_parser(
+        "mnist",
+        help="MTAdam paper, Table 1: MNIST with ten weighted per-class terms",
+        description="The MTAdam paper's MNIST protocol: MNIST-example CNN, 1 epoch, batch 64, "
+        "lr 1e-3, ten per-class terms L_i = w_i * sum of class-i NLL / batch size.",
+    )
+    _add_common(mnist, MnistConfig, "mnist")
+    _add_data(mnist)
+    mnist.add_argument(
+        "--ablation",
+        action="store_true",
+        help="MTAdam and its five Table 5 variants instead of the Table 1 rows",
+    )
+    mnist.add_argument(
+        "--loss-form",
+        choices=["paper", "authors"],
+        help="paper: w_i * class-i NLL sum / B (default); authors: the authors' "
+        "nll_loss(weight=onehot*w_i), which cancels w_i and is NaN when a class is absent "
+        "from a batch (only to show that)",
+    )
+    mnist.add_argument(
+        "--weights",
+        choices=["paper", "authors"],
+        help="paper: all w_i ~ U(1, 1000) (default); authors: w_0 = 1, w_1..9 ~ U(0, 1000)",
+    )
+
+    multi = sub.add_parser(
+        "multimnist",
+        help="IMTL paper, Table 1 protocol: MultiMNIST, three tasks, one loss rescaled",
+        description="MultiMNIST (left digit, right digit, reconstruction) with the losses as "
+        "they are and with one task's loss multiplied by --scale; |Δ| per method.",
+    )
+    _add_common(multi, MultiMnistConfig, "multimnist")
+    _add_data(multi)
+    multi.add_argument(
+        "--scale-task",
+        choices=["left", "right", "recon"],
+        help="the task rescaled in the second column group (default: left)",
+    )
+    multi.add_argument("--scale", type=float, help="its multiplier (default: 10)")
+    multi.add_argument("--data-seed", type=int, help="seed of the digit pairing (default: 0)")
+    multi.add_argument(
+        "--grad-source",
+        choices=["params", "features"],
+        help="per-term gradients of the shared parameters or of the shared feature "
+        "(default: params)",
+    )
+    multi.add_argument(
+        "--feature-dim", type=_positive_int, help="shared feature width (default: 64)"
+    )
+    return parser
+
+
+# argparse destination -> config field, where they differ
+_RENAME = {"weights": "weight_scheme"}
+
+
+def _config(args: argparse.Namespace, config_cls: type) -> Any:
+    names = {f.name for f in fields(config_cls)}
+    values: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        field_name = _RENAME.get(key, key)
+        if field_name in names and value is not None and value is not False:
+            values[field_name] = value
+    if "data_dir" in names and "data_dir" not in values and os.environ.get("LOSSBALANCE_DATA_DIR"):
+        values["data_dir"] = os.environ["LOSSBALANCE_DATA_DIR"]
+    if getattr(args, "no_download", False):
+        values["download"] = False
+    if getattr(args, "no_verify", False):
+        values["verify"] = False
+    if "data_dir" in values:
+        values["data_dir"] = str(values["data_dir"])
+    values["progress"] = not args.quiet and sys.stderr.isatty()
+    return config_cls(**values)
+
+
+def _list_methods() -> None:
+    from lossbalance import available_methods, get_method
+    from lossbalance.experiments.methods import MTADAM_VARIANTS, OPTIMIZERS
+
+    rows = [get_method(n) for n in available_methods()]
+    header = ("name", "needs", "stateful", "paper", "summary")
+    table = [header] + [
+        (m.name, m.needs, "yes" if m.stateful else "no", m.paper, m.summary) for m in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    _out(f"Registered methods ({len(rows)}):")
+    for r in table:
+        _out("  " + "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    _out()
+    _out("Experiment rows (for --methods, besides the registry names):")
+    _out(
+        "  "
+        + ", ".join(OPTIMIZERS)
+        + "   torch optimizers on the summed terms (sgd-m: momentum 0.9)"
+    )
+    _out("  " + ", ".join(MTADAM_VARIANTS))
+    _out("      MTAdam and the five ablations of the MTAdam paper's Table 5")
+    _out("  prefix 'balanced-' (demo, mnist): train on unit term weights, e.g. balanced-adam")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
+    """Run the command line; returns the exit status (argparse exits 2 on bad syntax)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    command = " ".join([prog, shlex.join(argv)])
+
+    if args.command == "list":
+        _list_methods()
+        return 0
+
+    from lossbalance.experiments import demo, mnist, multimnist
+    from lossbalance.experiments.data import ChecksumError, DatasetNotFoundError
+    from lossbalance.experiments.harness import resolve_device
+    from lossbalance.experiments.methods import resolve_methods
+    from lossbalance.experiments.report import (
+        CHECKPOINT,
+        append_checkpoint,
+        config_fingerprint,
+        load_previous_runs,
+        write_report,
+    )
+
+    module: Any
+    config_cls: type
+    module, config_cls = {
+        "demo": (demo, demo.DemoConfig),
+        "mnist": (mnist, mnist.MnistConfig),
+        "multimnist": (multimnist, multimnist.MultiMnistConfig),
+    }[args.command]
+    # Bad names and values are reported before any data is read or any run starts.
+    try:
+        config = _config(args, config_cls)
+        config.validate()
+        resolve_device(config.device)
+        if config.methods:
+            weighted = args.command != "multimnist"
+            names = mnist.expand_methods(config.methods, [], weighted=weighted)
+            resolve_methods(names, weighted=weighted)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    fingerprint = config_fingerprint(config)
+    out = Path(args.out)
+    previous = load_previous_runs(out, fingerprint) if args.resume else {}
+    if not args.resume:
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    if previous:
+        _out(f"Resuming: {len(previous)} run(s) with the same settings found in {out}")
+
+    def checkpoint(record: dict[str, Any]) -> None:
+        append_checkpoint(out, fingerprint, record)
+
+    try:
+        result = module.run(config, previous=previous, on_run=checkpoint)
+    except (DatasetNotFoundError, ChecksumError) as exc:
+        _err(str(exc))
+        return 1
+    paths = write_report(result, out, command, plots=not args.no_plots, fingerprint=fingerprint)
+    _out((out / "results.md").read_text().rstrip())
+    _out()
+    _out("Wrote:")
+    for path in paths:
+        _out(f"  {path}")
+    return 0

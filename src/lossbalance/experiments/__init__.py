@@ -1,0 +1,27 @@
+"""Experiments of the ``lossbalance`` command line: data, models, harness, reports.
+
+- :mod:`~lossbalance.experiments.demo`: ten weighted per-class terms on the 8x8 digits.
+- :mod:`~lossbalance.experiments.mnist`: the MTAdam paper's Table 1 (and Table 5).
+- :mod:`~lossbalance.experiments.multimnist`: the IMTL paper's Table 1 protocol, small.
+
+Each experiment module has a config dataclass and ``run(config) -> ExperimentResult``;
+:func:`~lossbalance.experiments.report.write_report` writes summary.json, results.json,
+results.md and the plots. The harness owns the training loop; the methods know nothing
+of epochs, loaders, devices or files. Needs the ``cli`` extra (tqdm, matplotlib,
+scikit-learn) for progress bars, plots and the demo's data.
+"""
+
+from lossbalance.experiments.harness import ExperimentConfig, TrainConfig, run_experiment, train_run
+from lossbalance.experiments.methods import MethodSpec, resolve_methods
+from lossbalance.experiments.report import ExperimentResult, write_report
+
+__all__ = [
+    "ExperimentConfig",
+    "ExperimentResult",
+    "MethodSpec",
+    "TrainConfig",
+    "resolve_methods",
+    "run_experiment",
+    "train_run",
+    "write_report",
+]

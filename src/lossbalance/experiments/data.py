@@ -1,0 +1,401 @@
+"""Datasets for the experiments: idx files (MNIST, Fashion-MNIST), MultiMNIST, 8x8 digits.
+
+The idx reader needs only ``gzip`` and numpy. Files are looked up in a data directory,
+checked against their published md5 sums and, where the machine is online and the caller
+allows it, downloaded. When neither works, :class:`DatasetNotFoundError` says which files
+to put where.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "ChecksumError",
+    "ClassificationData",
+    "DatasetNotFoundError",
+    "IdxDataset",
+    "MultiMnistData",
+    "load_digits_data",
+    "load_idx_dataset",
+    "locate_idx_files",
+    "make_multimnist",
+    "md5sum",
+    "read_idx",
+]
+
+# idx type codes (third byte of the magic number) -> big-endian numpy dtype
+_IDX_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are neither in the data directory nor downloadable."""
+
+
+class ChecksumError(ValueError):
+    """A data file's md5 differs from the published one (truncated or wrong file)."""
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """The four idx files of an MNIST-format dataset and where to download them.
+
+    Attributes:
+        name: directory name under the data directory (``"mnist"``).
+        files: split key (``"train-images"``, ...) -> (file name, md5 of the .gz file).
+        mirrors: base URLs tried in order.
+    """
+
+    name: str
+    files: dict[str, tuple[str, str]]
+    mirrors: tuple[str, ...]
+
+
+DATASETS: dict[str, IdxDataset] = {
+    "mnist": IdxDataset(
+        "mnist",
+        {
+            "train-images": ("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            "train-labels": ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+            "test-images": ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+            "test-labels": ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+        },
+        (
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ),
+    ),
+    "fashion-mnist": IdxDataset(
+        "fashion-mnist",
+        {
+            "train-images": ("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            "train-labels": ("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            "test-images": ("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            "test-labels": ("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        },
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    ),
+}
+
+
+def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex md5 of a file, read in chunks."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_idx(path: str | Path, md5: str | None = None) -> np.ndarray:
+    """Read an idx file (gzip-compressed when the name ends in ``.gz``) into an array.
+
+    The idx format: two zero bytes, a type code, the number of dimensions ``d``, then ``d``
+    big-endian int32 sizes and the data in row-major order.
+
+    Args:
+        path: the file.
+        md5: when given, the file's md5 must equal it, else :class:`ChecksumError`.
+
+    Returns:
+        An array of the stored shape, in the native byte order.
+
+    Raises:
+        ChecksumError: the md5 differs.
+        ValueError: the file is not a well-formed idx file (bad magic, truncated data).
+    """
+    path = Path(path)
+    if md5 is not None:
+        got = md5sum(path)
+        if got != md5:
+            raise ChecksumError(
+                f"md5 mismatch for {path}: expected {md5}, got {got} "
+                "(the file is truncated or not the published one; delete it and fetch it again)"
+            )
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an idx file (magic bytes {raw[:4].hex() or 'missing'})")
+    dtype = _IDX_DTYPES[raw[2]]
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated idx header")
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(raw) - header != count * dtype.itemsize:
+        raise ValueError(
+            f"{path}: idx header declares shape {shape} ({count * dtype.itemsize} bytes of "
+            f"data) but the file holds {len(raw) - header} bytes"
+        )
+    data = np.frombuffer(raw, dtype=dtype, count=count, offset=header)
+    return data.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+
+
+def _download(urls: list[str], target: Path, md5: str, timeout: float) -> str | None:
+    """Fetch the first URL that yields a file with the right md5; return an error or None."""
+    errors = []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for url in urls:
+        fd, name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+        tmp_path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as tmp, urllib.request.urlopen(url, timeout=timeout) as resp:
+                shutil.copyfileobj(resp, tmp)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            errors.append(f"{url}: {exc}")
+            tmp_path.unlink(missing_ok=True)
+            continue
+        got = md5sum(tmp_path)
+        if got != md5:
+            errors.append(f"{url}: md5 {got}, expected {md5}")
+            tmp_path.unlink(missing_ok=True)
+            continue
+        tmp_path.replace(target)
+        return None
+    return "; ".join(errors)
+
+
+def locate_idx_files(
+    dataset: str | IdxDataset,
+    data_dir: str | Path,
+    *,
+    download: bool = True,
+    verify: bool = True,
+    timeout: float = 30.0,
+) -> dict[str, Path]:
+    """Find (or download) the four files of an idx dataset and check their md5 sums.
+
+    A file is looked for in ``data_dir/<name>/``, ``data_dir/`` and
+    ``data_dir/<NAME>/raw/`` (torchvision's layout), in that order. Missing files are
+    downloaded into ``data_dir/<name>/`` when ``download`` is true. Downloads are always
+    md5-checked; local files too unless ``verify`` is false (a copy re-compressed by hand,
+    or synthetic test files).
+
+    Raises:
+        DatasetNotFoundError: a file is missing and could not be downloaded; the message
+            names the files and the directory to put them in.
+        ChecksumError: a file is present but its md5 is wrong.
+    """
+    info = DATASETS[dataset] if isinstance(dataset, str) else dataset
+    root = Path(data_dir).expanduser()
+    candidates = [root / info.name, root, root / info.name.upper() / "raw"]
+    if info.name == "fashion-mnist":
+        candidates.append(root / "FashionMNIST" / "raw")
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for key, (fname, md5) in info.files.items():
+        path = next((d / fname for d in candidates if (d / fname).is_file()), None)
+        if path is None:
+            missing.append(key)
+            continue
+        got = md5sum(path) if verify else md5
+        if got != md5:
+            raise ChecksumError(
+                f"md5 mismatch for {path}: expected {md5}, got {got} "
+                "(the file is truncated or not the published one; replace it, or pass "
+                "--no-verify for a copy you trust)"
+            )
+        found[key] = path
+    failures = []
+    for key in missing:
+        fname, md5 = info.files[key]
+        target = root / info.name / fname
+        reason = (
+            _download([m + fname for m in info.mirrors], target, md5, timeout)
+            if download
+            else "downloading disabled"
+        )
+        if reason is None:
+            found[key] = target
+        else:
+            failures.append(f"{fname} ({reason})")
+    if failures:
+        names = ", ".join(info.files[k][0] for k in info.files)
+        raise DatasetNotFoundError(
+            f"{info.name} data not found in {root / info.name} and could not be downloaded: "
+            + "; ".join(failures)
+            + f". Put the four files ({names}) into {root / info.name} "
+            "or pass --data-dir DIR with DIR/" + info.name + " holding them."
+        )
+    return found
+
+
+@dataclass
+class ClassificationData:
+    """Train and test tensors of an image classification set (images kept as uint8).
+
+    Attributes:
+        train_x, test_x: ``(N, H, W)`` uint8 (or ``(N, D)`` float for digits).
+        train_y, test_y: ``(N,)`` int64 class labels.
+        mean, std: normalisation applied to ``x / scale`` before the model.
+        scale: divisor that maps the stored values to [0, 1].
+        num_classes: number of classes.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    mean: float
+    std: float
+    scale: float
+    num_classes: int = 10
+
+    def limit(self, train: int | None, test: int | None) -> ClassificationData:
+        """The first ``train`` training and ``test`` test examples (``None``: all)."""
+        return ClassificationData(
+            self.train_x[:train],
+            self.train_y[:train],
+            self.test_x[:test],
+            self.test_y[:test],
+            self.mean,
+            self.std,
+            self.scale,
+            self.num_classes,
+        )
+
+
+@functools.lru_cache(maxsize=2)
+def _read_all(files: tuple[tuple[str, str, int], ...]) -> dict[str, np.ndarray]:
+    # Decompressing the training images takes a second or two; a process that runs several
+    # experiments (tests, notebooks) reads them once. Keyed by path and mtime; callers copy.
+    return {key: read_idx(path) for key, path, _ in files}
+
+
+# Normalisation constants of the PyTorch MNIST example (and their Fashion-MNIST analogues).
+_NORMALIZE = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+
+
+def load_idx_dataset(
+    dataset: str, data_dir: str | Path, *, download: bool = True, verify: bool = True
+) -> ClassificationData:
+    """Load MNIST or Fashion-MNIST from idx files (see :func:`locate_idx_files`)."""
+    paths = locate_idx_files(dataset, data_dir, download=download, verify=verify)
+    arrays = _read_all(tuple(sorted((k, str(p), p.stat().st_mtime_ns) for k, p in paths.items())))
+    for split in ("train", "test"):
+        n_img, n_lab = len(arrays[f"{split}-images"]), len(arrays[f"{split}-labels"])
+        if n_img != n_lab:
+            raise ValueError(f"{dataset} {split}: {n_img} images but {n_lab} labels")
+    mean, std = _NORMALIZE[dataset]
+    return ClassificationData(
+        torch.from_numpy(arrays["train-images"].copy()),
+        torch.from_numpy(arrays["train-labels"].astype(np.int64)),
+        torch.from_numpy(arrays["test-images"].copy()),
+        torch.from_numpy(arrays["test-labels"].astype(np.int64)),
+        mean,
+        std,
+        255.0,
+    )
+
+
+def load_digits_data(test_fraction: float = 0.25, split_seed: int = 0) -> ClassificationData:
+    """scikit-learn's bundled 8x8 digits (1797 images), split stratified and seeded.
+
+    Images are flattened to 64 features in [0, 16]; no file or network access.
+    """
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the demo needs scikit-learn: pip install 'lossbalance[cli]'") from exc
+    x, y = load_digits(return_X_y=True)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=test_fraction, random_state=split_seed, stratify=y
+    )
+    return ClassificationData(
+        torch.tensor(x_tr, dtype=torch.float32),
+        torch.tensor(y_tr, dtype=torch.int64),
+        torch.tensor(x_te, dtype=torch.float32),
+        torch.tensor(y_te, dtype=torch.int64),
+        0.0,
+        1.0,
+        16.0,
+    )
+
+
+@dataclass
+class MultiMnistData:
+    """MultiMNIST: two digits overlaid on a 36x36 canvas.
+
+    Attributes:
+        train_x, test_x: ``(N, 36, 36)`` uint8 images.
+        train_y, test_y: ``(N, 2)`` int64 labels: column 0 the upper-left digit, 1 the
+            lower-right one.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
+def make_multimnist(
+    images: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    *,
+    seed: int = 0,
+    size: int = 36,
+    shift: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """Overlay pairs of digits into MultiMNIST images, deterministically given ``seed``.
+
+    Image ``n`` puts digit ``n`` shifted up-left by ``shift`` pixels from the centre of a
+    ``size x size`` canvas and digit ``perm[n]`` (``perm`` a permutation drawn from
+    ``seed``) shifted down-right by the same amount; overlapping pixels take the maximum
+    (Sener & Koltun 2018 build theirs the same way, then resize to 28x28; we keep 36x36).
+
+    Args:
+        images: ``(N, 28, 28)`` uint8 digits.
+        labels: ``(N,)`` their classes.
+        seed: seed of the pairing permutation.
+        size: canvas side.
+        shift: offset of each digit from the centre, in pixels.
+
+    Returns:
+        ``(N, size, size)`` uint8 images and ``(N, 2)`` int64 labels (left, right).
+    """
+    imgs = torch.as_tensor(np.asarray(images)).to(torch.uint8)
+    labs = torch.as_tensor(np.asarray(labels)).to(torch.int64)
+    if imgs.dim() != 3 or imgs.shape[0] != labs.shape[0]:
+        raise ValueError(
+            f"expected (N, H, W) images and (N,) labels, got {tuple(imgs.shape)} and "
+            f"{tuple(labs.shape)}"
+        )
+    n, h, w = imgs.shape
+    centre_r, centre_c = (size - h) // 2, (size - w) // 2
+    if not 0 <= shift <= min(centre_r, centre_c):
+        raise ValueError(
+            f"Invalid shift: {shift} (expected 0 <= shift <= {min(centre_r, centre_c)} for "
+            f"{h}x{w} digits on a {size}x{size} canvas)"
+        )
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    canvas = torch.zeros((n, size, size), dtype=torch.uint8)
+    r0, c0 = centre_r - shift, centre_c - shift
+    canvas[:, r0 : r0 + h, c0 : c0 + w] = imgs
+    r1, c1 = centre_r + shift, centre_c + shift
+    region = canvas[:, r1 : r1 + h, c1 : c1 + w]
+    canvas[:, r1 : r1 + h, c1 : c1 + w] = torch.maximum(region, imgs[perm])
+    return canvas, torch.stack([labs, labs[perm]], dim=1)

@@ -1,0 +1,484 @@
+"""The training loop of the experiments, for the three kinds of method.
+
+- a torch optimizer (``sgd-m``, ``rmsprop``, ``adam``) on the sum of the terms;
+- MTAdam on the list of terms (``opt.step(losses)`` computes the per-term gradients);
+- a registry balancer with Adam: :func:`lossbalance.backward` writes ``.grad`` (the
+  balanced combination on the shared parameters), then ``Adam.step()``.
+
+The harness owns epochs, batches, devices, seeding, timing and logging; methods know
+nothing of them. Every run is seeded (python ``random``, numpy, torch) so that a run is
+reproducible and every method of a seed starts from the same weights, sees the same
+batches in the same order and the same term weights.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import lossbalance
+from lossbalance._base import Balancer
+from lossbalance._registry import get_method
+from lossbalance.experiments.methods import MethodSpec
+from lossbalance.experiments.tasks import Task
+
+__all__ = [
+    "ExperimentConfig",
+    "TrainConfig",
+    "make_stepper",
+    "resolve_device",
+    "run_experiment",
+    "run_key",
+    "seed_everything",
+    "train_run",
+]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy's global generator and torch (all devices)."""
+    random.seed(seed)
+    # the legacy global generator is what third-party code (and sklearn) draws from
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when available; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {device!r} (CUDA is not available on this machine)")
+    return dev
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (shared by every method of an experiment).
+
+    Attributes:
+        epochs: passes over the training set.
+        batch_size: examples per step; the last batch of an epoch may be smaller.
+        lr: learning rate of every optimizer.
+        device: where to train.
+        max_batches: cap on steps per epoch (tiny CI runs); ``None`` for a full epoch.
+        evals_per_epoch: test evaluations per epoch (evenly spaced), besides the one
+            before training.
+        eval_batch_size: batch size of evaluation.
+        trace_points: about how many points of the per-term weight/magnitude trace to
+            keep per run.
+        grad_source: ``"params"`` (exact per-term gradients of the shared parameters) or
+            ``"features"`` (of the shared feature, when the task has one) for gradient
+            balancers.
+        progress: show tqdm progress bars.
+        threads: torch intra-op threads for the runs (``None``: unchanged).
+    """
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    max_batches: int | None = None
+    evals_per_epoch: int = 1
+    eval_batch_size: int = 1000
+    trace_points: int = 200
+    grad_source: str = "params"
+    progress: bool = False
+    threads: int | None = None
+
+
+class Stepper(Protocol):
+    """One optimisation step from the K loss terms of a batch."""
+
+    def step(self, terms: list[Tensor], features: Tensor | None) -> None: ...
+
+    def weights(self) -> Tensor | None: ...
+
+    def magnitudes(self) -> Tensor | None: ...
+
+    def skipped_steps(self) -> int | None: ...
+
+
+class _SumStepper:
+    """A torch optimizer on the plain sum of the (already weighted) terms."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, terms: list[Tensor], features: Tensor | None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.stack(terms).sum().backward()
+        self.optimizer.step()
+
+    def weights(self) -> Tensor | None:
+        return None
+
+    def magnitudes(self) -> Tensor | None:
+        return None
+
+    def skipped_steps(self) -> int | None:
+        return None
+
+
+class _MultiTermOptimizerStepper:
+    """MTAdam (or another optimizer-level method): ``step(losses)`` does the backward."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+
+    def step(self, terms: list[Tensor], features: Tensor | None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step(terms)
+
+    def weights(self) -> Tensor | None:
+        return None
+
+    def magnitudes(self) -> Tensor | None:
+        # Mean over parameter tensors of each term's gradient-magnitude EMA n_{i,l}.
+        if not hasattr(self.optimizer, "magnitudes"):
+            return None
+        mags = [m for m in self.optimizer.magnitudes().values() if m is not None]
+        if not mags:
+            return None
+        return torch.stack([m.detach().double() for m in mags]).mean(0)
+
+    def skipped_steps(self) -> int | None:
+        skipped = getattr(self.optimizer, "skipped_steps", None)
+        return None if skipped is None else int(skipped)
+
+
+class _BalancerStepper:
+    """A registry balancer via ``lossbalance.backward``, then the torch optimizer."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        balancer: Balancer,
+        shared: nn.Module,
+        use_features: bool,
+    ) -> None:
+        self.optimizer = optimizer
+        self.balancer = balancer
+        self.shared = shared
+        self.use_features = use_features
+
+    def step(self, terms: list[Tensor], features: Tensor | None) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        feats = features if self.use_features else None
+        lossbalance.backward(terms, self.balancer, shared=self.shared, features=feats)
+        self.optimizer.step()
+
+    def weights(self) -> Tensor | None:
+        w = getattr(self.balancer, "last_weights", None)
+        return None if w is None else w.detach()
+
+    def magnitudes(self) -> Tensor | None:
+        return None
+
+    def skipped_steps(self) -> int | None:
+        return None
+
+
+def _torch_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd-m":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"Invalid optimizer: {name!r} (expected one of 'sgd-m', 'rmsprop', 'adam')")
+
+
+def make_stepper(
+    spec: MethodSpec, model: nn.Module, task: Task, cfg: TrainConfig, num_terms: int
+) -> Stepper:
+    """Build the optimizer (and balancer) of a row for a fresh model."""
+    params = list(model.parameters())
+    if spec.kind == "optimizer":
+        return _SumStepper(_torch_optimizer(spec.base, params, cfg.lr))
+    if spec.kind == "mtadam":
+        mtadam = getattr(lossbalance, "MTAdam", None)
+        if mtadam is None:
+            raise RuntimeError("lossbalance.MTAdam is not available in this installation")
+        return _MultiTermOptimizerStepper(mtadam(params, lr=cfg.lr, **spec.options))
+    if spec.kind == "registry-optimizer":
+        opt_cls = get_method(spec.base).factory(num_terms, **spec.options)
+        return _MultiTermOptimizerStepper(opt_cls(params, lr=cfg.lr))
+    if not hasattr(lossbalance, "backward"):
+        raise RuntimeError("lossbalance.backward is not available in this installation")
+    balancer = lossbalance.create(spec.base, num_terms, **spec.options).to(cfg.device)
+    optimizer = torch.optim.Adam([*params, *balancer.parameters()], lr=cfg.lr)
+    use_features = cfg.grad_source == "features" and getattr(balancer, "kind", "") == "gradient"
+    return _BalancerStepper(optimizer, balancer, task.shared(model), use_features)
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, desc: str, enabled: bool, position: int, leave: bool) -> Any:
+    if not enabled:
+        return _NullBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional (extra "cli")
+        return _NullBar()
+    return tqdm(
+        total=total, desc=desc, position=position, leave=leave, file=sys.stderr, dynamic_ncols=True
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _floats(t: Tensor) -> list[float]:
+    return [float(v) for v in t.detach().double().cpu().tolist()]
+
+
+def train_run(
+    task: Task,
+    spec: MethodSpec,
+    seed: int,
+    cfg: TrainConfig,
+    *,
+    group: str | None = None,
+    label: str | None = None,
+    position: int = 0,
+) -> dict[str, Any]:
+    """Train one row with one seed; return its record for ``results.json``.
+
+    The record holds the row label, method, group, seed, term weights, the test metrics
+    before training and at every evaluation (``history``, with fractional ``epoch``), the
+    final metrics, step count, training time (evaluation excluded) and time per
+    iteration, the number of steps whose terms were not all finite, MTAdam's skipped
+    steps when it counts them, and a subsampled trace of the terms, the balancer's
+    weights and MTAdam's magnitudes.
+    """
+    seed_everything(seed)
+    device = cfg.device
+    model = task.build_model().to(device)
+    model.train()
+    weights = task.term_weights(seed, spec.balanced).to(device)
+    num_terms = int(weights.shape[0])
+    stepper = make_stepper(spec, model, task, cfg, num_terms)
+    generator = torch.Generator().manual_seed(seed)
+
+    n = task.num_train
+    batches_per_epoch = math.ceil(n / cfg.batch_size)
+    if cfg.max_batches is not None:
+        batches_per_epoch = min(batches_per_epoch, cfg.max_batches)
+    total_steps = batches_per_epoch * cfg.epochs
+    trace_every = max(1, total_steps // max(1, cfg.trace_points))
+    evals = max(1, cfg.evals_per_epoch)
+    eval_after = {max(1, round((j + 1) * batches_per_epoch / evals)) for j in range(evals)}
+
+    history: list[dict[str, float]] = [
+        {"epoch": 0.0, "step": 0, **task.evaluate(model, cfg.eval_batch_size)}
+    ]
+    trace: dict[str, list[Any]] = {"step": [], "losses": [], "weights": [], "magnitudes": []}
+    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    train_time = 0.0
+    step = 0
+    row = label or spec.label
+    bar = _bar(total_steps, f"{row} s{seed}", cfg.progress, position, leave=False)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)[: batches_per_epoch * cfg.batch_size]
+        _sync(device)
+        start = time.perf_counter()
+        for b, index in enumerate(order.split(cfg.batch_size)):
+            batch = task.train_batch(index.to(device))
+            terms, features = task.terms(model, batch, weights)
+            values = torch.stack([t.detach().reshape(()) for t in terms])
+            nonfinite += (~torch.isfinite(values).all()).long()
+            stepper.step(terms, features)
+            step += 1
+            bar.update()
+            record = step % trace_every == 0 or step == 1
+            evaluate = (b + 1) in eval_after
+            if record or evaluate:
+                _sync(device)
+                train_time += time.perf_counter() - start
+                if record:
+                    trace["step"].append(step)
+                    trace["losses"].append(_floats(values))
+                    w = stepper.weights()
+                    trace["weights"].append(None if w is None else _floats(w))
+                    m = stepper.magnitudes()
+                    trace["magnitudes"].append(None if m is None else _floats(m))
+                if evaluate:
+                    metrics = task.evaluate(model, cfg.eval_batch_size)
+                    history.append(
+                        {"epoch": epoch + (b + 1) / batches_per_epoch, "step": step, **metrics}
+                    )
+                    bar.set_postfix_str(f"{task.metric}={metrics[task.metric]:.4g}")
+                start = time.perf_counter()
+        _sync(device)
+        train_time += time.perf_counter() - start
+    bar.close()
+    for key in ("weights", "magnitudes"):
+        if all(v is None for v in trace[key]):
+            trace[key] = []
+    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
+    return {
+        "row": row,
+        "method": spec.name,
+        "kind": spec.kind,
+        "group": group,
+        "seed": seed,
+        "term_weights": _floats(weights),
+        "history": history,
+        "final": final,
+        "steps": step,
+        "train_time_s": train_time,
+        "time_per_iter_s": train_time / max(1, step),
+        "nonfinite_steps": int(nonfinite),
+        "skipped_steps": stepper.skipped_steps(),
+        "trace": trace,
+    }
+
+
+def run_key(group: str | None, row: str, seed: int) -> str:
+    """Identity of a run within an experiment (for resuming)."""
+    return f"{group}|{row}|{seed}"
+
+
+def run_experiment(
+    tasks: Sequence[tuple[str | None, Task]],
+    specs: Sequence[MethodSpec],
+    seeds: Iterable[int],
+    cfg: TrainConfig,
+    *,
+    label: Callable[[MethodSpec, str | None], str] | None = None,
+    previous: Mapping[str, dict[str, Any]] | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every (group, method, seed) and return the run records in that order.
+
+    Args:
+        tasks: ``(group, task)`` pairs; ``group`` names a column group (``None`` for one).
+        specs: the rows.
+        seeds: run seeds.
+        cfg: training settings.
+        label: row label of a method in a group (default: the method's label).
+        previous: records of runs already done with the same settings, by
+            :func:`run_key`; they are reused instead of trained again (``--resume``).
+        on_run: called with each new record as soon as its run ends (checkpointing).
+    """
+    seeds = list(seeds)
+    previous = previous or {}
+    total = len(tasks) * len(specs) * len(seeds)
+    outer = _bar(total, "runs", cfg.progress, 0, leave=True)
+    runs = []
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        for group, task in tasks:
+            moved = False
+            for spec in specs:
+                row = label(spec, group) if label is not None else spec.label
+                for seed in seeds:
+                    key = run_key(group, row, seed)
+                    if key in previous:
+                        runs.append(previous[key])
+                    else:
+                        if not moved:
+                            task.to(cfg.device)
+                            moved = True
+                        record = train_run(
+                            task, spec, seed, cfg, group=group, label=row, position=1
+                        )
+                        runs.append(record)
+                        if on_run is not None:
+                            on_run(record)
+                    outer.update()
+    finally:
+        torch.set_num_threads(threads)
+        outer.close()
+    return runs
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings common to every experiment (each experiment sets its own defaults).
+
+    Attributes:
+        methods: method names (see :mod:`lossbalance.experiments.methods`); ``None`` for
+            the experiment's default rows, ``["all"]`` for every known method.
+        seeds: number of seeds per row; seeds are ``first_seed .. first_seed + seeds - 1``.
+        first_seed: first seed.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        epochs: passes over the training set.
+        batch_size: training batch size.
+        lr: learning rate of every optimizer.
+        max_batches: cap on steps per epoch (tiny CI runs).
+        train_limit: use only the first N training examples.
+        test_limit: evaluate on the first N test examples only.
+        evals_per_epoch: test evaluations per epoch.
+        progress: show progress bars.
+        threads: torch intra-op threads during the runs (restored afterwards); ``None``
+            keeps torch's setting. Tiny CPU models run fastest on one thread.
+    """
+
+    methods: list[str] | None = None
+    seeds: int = 3
+    first_seed: int = 0
+    device: str = "auto"
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    max_batches: int | None = None
+    train_limit: int | None = None
+    test_limit: int | None = None
+    evals_per_epoch: int = 1
+    progress: bool = False
+    threads: int | None = None
+
+    def validate(self) -> None:
+        """Check the values with torch-style messages."""
+        for name in ("seeds", "epochs", "batch_size", "evals_per_epoch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+        for name in ("max_batches", "train_limit", "test_limit", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+        if not self.lr > 0:
+            raise ValueError(f"Invalid lr: {self.lr} (expected lr > 0)")
+
+    def seed_list(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.seeds))
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of these settings (device resolved)."""
+        values: dict[str, Any] = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "device": resolve_device(self.device),
+            "max_batches": self.max_batches,
+            "evals_per_epoch": self.evals_per_epoch,
+            "progress": self.progress,
+            "threads": self.threads,
+        }
+        values.update(overrides)
+        return TrainConfig(**values)

@@ -1,0 +1,374 @@
+"""Writers of experiment results: summary.json, results.json, a Markdown table, PNG plots.
+
+Non-finite numbers (a diverged run) are written as JSON ``null`` so that the files stay
+strict JSON; the Markdown table shows them as ``NaN``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ExperimentResult",
+    "append_checkpoint",
+    "config_fingerprint",
+    "format_mean_std",
+    "library_versions",
+    "load_previous_runs",
+    "markdown_table",
+    "plot_metrics",
+    "plot_traces",
+    "summarize",
+    "to_jsonable",
+    "write_json",
+    "write_report",
+]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class ExperimentResult:
+    """Everything an experiment produced, ready to be written.
+
+    Attributes:
+        name: ``"demo"``, ``"mnist"``, ``"multimnist"``.
+        title: heading of the Markdown file.
+        config: settings (JSON-serialisable).
+        seeds: run seeds.
+        rows: row labels in table order.
+        runs: run records from :func:`lossbalance.experiments.harness.train_run`.
+        metric: key of the main metric in each run's ``final`` dict.
+        metric_label: its human name, e.g. ``"test accuracy (%)"``.
+        summary: row -> ``{"mean", "std", "n"}`` of the main metric.
+        table: the Markdown body (tables and notes), without the command header.
+        plot_metrics: ``(key, label)`` of the metrics to plot against epochs.
+        term_names: names of the K terms (legend of the trace plot).
+        extra: anything else for results.json.
+    """
+
+    name: str
+    title: str
+    config: dict[str, Any]
+    seeds: list[int]
+    rows: list[str]
+    runs: list[dict[str, Any]]
+    metric: str
+    metric_label: str
+    summary: dict[str, dict[str, Any]]
+    table: str
+    plot_metrics: list[tuple[str, str]]
+    term_names: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def library_versions() -> dict[str, Any]:
+    """Versions of python, torch, numpy, lossbalance (and optional libraries), the platform."""
+    import torch
+
+    import lossbalance
+
+    versions: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "lossbalance": lossbalance.__version__,
+        "cuda": torch.version.cuda,
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name in ("sklearn", "matplotlib", "tqdm"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", None)
+    return versions
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof = 1; 0 for one value) and count.
+
+    Honest about divergence: one NaN run makes the mean and std NaN.
+    """
+    arr = np.asarray(list(values), dtype=np.float64)
+    n = int(arr.size)
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    mean = float(arr.mean())
+    std = float(arr.std(ddof=1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert to JSON types: NaN/inf -> None, tuples -> lists, numpy and torch scalars,
+    paths and devices -> str."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if hasattr(obj, "tolist"):  # torch tensors
+        return to_jsonable(obj.tolist())
+    return str(obj)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write strict JSON (indent 2, non-finite numbers as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def format_mean_std(stats: Mapping[str, Any], digits: int = 2) -> str:
+    """``"97.90 ± 0.07"``; ``"NaN"`` when the mean is not finite."""
+    mean, std = stats.get("mean"), stats.get("std")
+    if mean is None or not math.isfinite(mean):
+        return "NaN"
+    if std is None or not math.isfinite(std) or stats.get("n", 0) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; the first column is left-aligned, the others right-aligned."""
+
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |"]
+    lines.append("| " + " | ".join([":---"] + ["---:"] * (len(headers) - 1)) + " |")
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row!r} has {len(row)} cells, expected {len(headers)}")
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _mean_curve(
+    runs: Sequence[Mapping[str, Any]], key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Runs of one row share their evaluation points (same epochs and batches per epoch).
+    length = min(len(r["history"]) for r in runs)
+    x = np.array([runs[0]["history"][i]["epoch"] for i in range(length)], dtype=np.float64)
+    ys = np.array(
+        [[np.nan if h.get(key) is None else h[key] for h in r["history"][:length]] for r in runs],
+        dtype=np.float64,
+    )
+    return x, ys.mean(0), ys.std(0)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(
+    result: ExperimentResult, path: str | Path, metrics: Sequence[tuple[str, str]] | None = None
+) -> Path:
+    """Test metrics against epochs: one panel per metric, one line (mean ± std over seeds)
+    per row; rows of a second column group are dashed."""
+    plt = _pyplot()
+    metrics = list(metrics or result.plot_metrics)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    groups = list(dict.fromkeys(r["group"] for r in result.runs))
+    methods = list(dict.fromkeys(r["method"] for r in result.runs))
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    for ax, (key, title) in zip(axes[0], metrics, strict=True):
+        for row in result.rows:
+            runs = [r for r in result.runs if r["row"] == row]
+            if not runs:
+                continue
+            x, mean, std = _mean_curve(runs, key)
+            color = cmap(methods.index(runs[0]["method"]) % cmap.N)
+            style = "--" if groups.index(runs[0]["group"]) > 0 else "-"
+            ax.plot(x, mean, style, color=color, label=row, marker="." if len(x) < 12 else None)
+            if len(runs) > 1:
+                ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7)
+    fig.suptitle(f"{result.title}: test metrics (mean ± std over {len(result.seeds)} seed(s))")
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_traces(result: ExperimentResult, path: str | Path) -> Path | None:
+    """Per-term balancer weights or MTAdam magnitudes over training, one panel per row
+    that has them (the first seed's run). Returns ``None`` when no row has a trace."""
+    panels = []
+    for row in result.rows:
+        run = next((r for r in result.runs if r["row"] == row), None)
+        if run is None:
+            continue
+        for key, what in (("weights", "weights applied"), ("magnitudes", "gradient magnitude EMA")):
+            values = run["trace"].get(key) or []
+            if any(v is not None for v in values):
+                panels.append((row, run, key, what))
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (row, run, key, what) in zip(axes.flat, panels, strict=False):
+        steps = [
+            s for s, v in zip(run["trace"]["step"], run["trace"][key], strict=True) if v is not None
+        ]
+        values = np.array([v for v in run["trace"][key] if v is not None], dtype=np.float64)
+        values = np.where(np.isfinite(values), values, np.nan)
+        for i in range(values.shape[1]):
+            name = result.term_names[i] if i < len(result.term_names) else f"term {i}"
+            ax.plot(steps, values[:, i], label=name, linewidth=1)
+        positive = values[np.isfinite(values)]
+        if key == "magnitudes" or (
+            positive.size and positive.min() > 0 and positive.max() / positive.min() > 100
+        ):
+            ax.set_yscale("log")
+        ax.set_title(f"{row}\n{what} (seed {run['seed']})", fontsize=8)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    ncol = min(10 if cols > 1 else 5, len(labels))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
+    legend_rows = math.ceil(len(labels) / max(1, ncol))
+    fig.tight_layout(rect=(0, min(0.3, 0.04 * legend_rows / nrows + 0.02), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+CHECKPOINT = "runs.jsonl"
+# settings that do not change a run's result: a resumed experiment may differ in them
+_NOT_FINGERPRINTED = ("methods", "seeds", "first_seed", "progress", "threads", "ablation")
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short hash of the settings that determine each run's result (for ``--resume``)."""
+    values = {k: v for k, v in sorted(asdict(config).items()) if k not in _NOT_FINGERPRINTED}
+    blob = json.dumps(to_jsonable(values), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _restore_nan(record: dict[str, Any]) -> dict[str, Any]:
+    # results.json stores NaN as null; a reused run must summarise as NaN again
+    def fix(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: float("nan") if v is None else v for k, v in d.items()}
+
+    record["final"] = fix(record["final"])
+    record["history"] = [fix(h) for h in record["history"]]
+    return record
+
+
+def append_checkpoint(out_dir: str | Path, fingerprint: str, record: dict[str, Any]) -> None:
+    """Append a finished run to ``out_dir/runs.jsonl`` (kept until the report is written)."""
+    path = Path(out_dir) / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"fingerprint": fingerprint, "run": record}) + "\n")
+
+
+def load_previous_runs(out_dir: str | Path, fingerprint: str) -> dict[str, dict[str, Any]]:
+    """Runs already in ``out_dir`` (results.json and the checkpoint) with the same settings,
+    keyed by ``group|row|seed``."""
+    from lossbalance.experiments.harness import run_key
+
+    out = Path(out_dir)
+    records: list[dict[str, Any]] = []
+    results = out / "results.json"
+    if results.is_file():
+        data = json.loads(results.read_text())
+        if data.get("fingerprint") == fingerprint:
+            records += data.get("runs", [])
+    checkpoint = out / CHECKPOINT
+    if checkpoint.is_file():
+        for line in checkpoint.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when a run was killed
+                continue
+            if item.get("fingerprint") == fingerprint:
+                records.append(item["run"])
+    return {run_key(r["group"], r["row"], r["seed"]): _restore_nan(r) for r in records}
+
+
+def write_report(
+    result: ExperimentResult,
+    out_dir: str | Path,
+    command: str,
+    *,
+    plots: bool = True,
+    fingerprint: str | None = None,
+) -> list[Path]:
+    """Write summary.json, results.json, results.md and the plots into ``out_dir``.
+
+    Returns the paths written. The Markdown file starts with the exact command line. The
+    run checkpoint (``runs.jsonl``), if any, is removed: results.json now holds every run.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_json(out / "summary.json", result.summary)]
+    written.append(
+        write_json(
+            out / "results.json",
+            {
+                "experiment": result.name,
+                "command": command,
+                "fingerprint": fingerprint,
+                "config": result.config,
+                "seeds": result.seeds,
+                "versions": library_versions(),
+                "metric": result.metric,
+                "metric_label": result.metric_label,
+                "rows": result.rows,
+                "summary": result.summary,
+                "term_names": result.term_names,
+                **result.extra,
+                "runs": result.runs,
+            },
+        )
+    )
+    md = out / "results.md"
+    md.write_text(f"# {result.title}\n\nCommand: `{command}`\n\n{result.table.rstrip()}\n")
+    written.append(md)
+    if plots:
+        written.append(plot_metrics(result, out / "metrics.png"))
+        traces = plot_traces(result, out / "weights.png")
+        if traces is not None:
+            written.append(traces)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return written

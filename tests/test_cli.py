@@ -1,0 +1,255 @@
+"""End-to-end tests of the command line on tiny slices (CPU, no network).
+
+MNIST comes from ``<repo>/../shared/data`` when present, else from tiny synthetic idx
+files (then ``--no-verify``, since their md5 sums are not the published ones).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lossbalance
+from lossbalance.cli import main
+from lossbalance.experiments.report import PNG_SIGNATURE
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def mnist_args(tmp_path_factory) -> list[str]:
+    """``--data-dir`` (and ``--no-verify`` for synthetic files) for the MNIST commands."""
+    if (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").is_file():
+        return ["--data-dir", str(SHARED_DATA)]
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 400), ("t10k", 100)):
+        _write_idx(
+            root / "mnist" / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28)),
+        )
+        _write_idx(root / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return ["--data-dir", str(root), "--no-verify"]
+
+
+def _check_outputs(
+    out: Path, rows: list[str], command: str, table_rows: list[str] | None = None
+) -> dict:
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == rows
+    for stats in summary.values():
+        assert set(stats) == {"mean", "std", "n"}
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"] == command
+    assert results["rows"] == rows
+    assert {"torch", "numpy", "lossbalance", "python", "platform"} <= set(results["versions"])
+    md = (out / "results.md").read_text()
+    assert f"Command: `{command}`" in md
+    for row in rows if table_rows is None else table_rows:
+        assert f"| {row} |" in md
+    assert (out / "metrics.png").read_bytes()[:8] == PNG_SIGNATURE
+    return results
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in lossbalance.available_methods():
+        info = lossbalance.get_method(name)
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert info.needs in line and info.paper.split()[0] in line
+    assert "balanced-adam" in out and "mtadam-global-magnitude" in out
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--seeds", "2", "--epochs", "2", "--max-batches", "3", "--out", str(out)]
+    assert main([*argv, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "| Balanced-Adam |" in printed and str(out / "summary.json") in printed
+    rows = ["Balanced-Adam", "Unbalanced-Adam", "Unbalanced-MTAdam"]
+    results = _check_outputs(out, rows, "lossbalance " + " ".join([*argv, "--quiet"]))
+    assert results["seeds"] == [0, 1]
+    assert len(results["runs"]) == 6
+    assert all(len(r["history"]) == 3 for r in results["runs"])  # epochs 0, 1, 2
+    mt = [r for r in results["runs"] if r["row"] == "Unbalanced-MTAdam"]
+    assert mt[0]["trace"]["magnitudes"] and (out / "weights.png").read_bytes()[:8] == PNG_SIGNATURE
+    # every run is seeded: the same command gives the same numbers
+    assert main([*argv[:-1], str(tmp_path / "again"), "--quiet", "--no-plots"]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again == json.loads((out / "summary.json").read_text())
+
+
+def test_unknown_method_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--methods", "adam,nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown method 'nope'" in err
+    for name in ("sgd-m", "rmsprop", "mtadam", "imtl-g"):
+        assert name in err
+    assert not (tmp_path / "summary.json").exists()
+    assert main(["multimnist", "--methods", "balanced-adam", "--out", str(tmp_path)]) == 2
+    assert "prefixes apply only" in capsys.readouterr().err
+
+
+def test_missing_data_offline_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "nodata"
+    argv = ["mnist", "--data-dir", str(empty), "--no-download", "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Put the four files" in err and str(empty / "mnist") in err
+    assert "t10k-labels-idx1-ubyte.gz" in err
+
+
+@pytest.mark.filterwarnings("ignore::lossbalance.LossBalanceWarning")  # classes absent
+def test_mnist_end_to_end(tmp_path, capsys, mnist_args):
+    out = tmp_path / "mnist"
+    argv = [
+        "mnist", *mnist_args, "--methods", "adam", "mtadam", "balanced-adam", "imtl-g",
+        "--seeds", "1", "--batch-size", "16", "--max-batches", "1", "--test-limit", "50",
+        "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    rows = ["Unbalanced-Adam", "Unbalanced-MTAdam", "Balanced-Adam", "Unbalanced-imtl-g"]
+    results = _check_outputs(out, rows, "lossbalance " + " ".join(argv))
+    assert results["config"]["loss_form"] == "paper" and results["config"]["test_size"] == 50
+    assert all(r["steps"] == 1 for r in results["runs"])
+    assert (out / "weights.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "88.8 ± 0.84" in (out / "results.md").read_text()  # the paper's column
+
+
+def test_mnist_authors_form_reports_nan(tmp_path, capsys, mnist_args):
+    out = tmp_path / "authors"
+    argv = [
+        "mnist", *mnist_args, "--methods", "adam,mtadam", "--loss-form", "authors",
+        "--weights", "authors", "--seeds", "1", "--batch-size", "8", "--max-batches", "1",
+        "--test-limit", "20", "--evals-per-epoch", "1", "--no-plots", "--out", str(out),
+        "--quiet",
+    ]  # fmt: skip
+    with pytest.warns(lossbalance.LossBalanceWarning, match="skipped a step"):
+        assert main(argv) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    # a batch of 8 misses classes: the authors' form is NaN; Adam's weights turn NaN and
+    # its accuracy is reported as NaN (null), MTAdam skips the step
+    assert summary["Unbalanced-Adam"]["mean"] is None
+    assert summary["Unbalanced-MTAdam"]["mean"] is not None
+    results = json.loads((out / "results.json").read_text())
+    assert [r["nonfinite_steps"] for r in results["runs"]] == [1, 1]
+    assert [r["skipped_steps"] for r in results["runs"]] == [None, 1]
+    assert "1 of 1 runs diverged" in (out / "results.md").read_text()
+
+
+def test_ablation_rows(tmp_path, capsys):
+    from lossbalance.experiments.mnist import default_methods
+
+    assert default_methods(ablation=True)[0] == "mtadam" and len(default_methods(True)) == 6
+    out = tmp_path / "abl"
+    argv = ["demo", "--ablation", "--seeds", "1", "--epochs", "1", "--max-batches", "2"]
+    assert main([*argv, "--no-plots", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == [
+        "Unbalanced-MTAdam",
+        "Unbalanced-MTAdam (i) no normalization",
+        "Unbalanced-MTAdam (ii) one global magnitude",
+        "Unbalanced-MTAdam (iii) own magnitude, no anchor",
+        "Unbalanced-MTAdam (iv) own second moment",
+        "Unbalanced-MTAdam (v) mean of second moments",
+    ]
+
+
+def test_multimnist_end_to_end(tmp_path, capsys, mnist_args):
+    out = tmp_path / "multi"
+    argv = [
+        "multimnist", *mnist_args, "--methods", "adam", "mtadam", "imtl",
+        "--seeds", "1", "--epochs", "1", "--batch-size", "16", "--max-batches", "2",
+        "--train-limit", "64", "--test-limit", "32", "--out", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "|Δ| left" in printed.replace("\\|", "|")
+    rows = ["Adam", "MTAdam", "imtl", "Adam [left x10]", "MTAdam [left x10]", "imtl [left x10]"]
+    command = "lossbalance " + " ".join(argv)
+    results = _check_outputs(out, rows, command, table_rows=["Adam", "MTAdam", "imtl"])
+    assert results["config"]["groups"] == {"original": [1, 1, 1], "left x10": [10, 1, 1]}
+    for method in ("Adam", "MTAdam", "imtl"):
+        delta = results["abs_delta"][method]
+        metrics = results["task_metrics"][method]
+        assert delta["left"] == pytest.approx(
+            abs(metrics["left x10"]["left"]["mean"] - metrics["original"]["left"]["mean"])
+        )
+        assert results["time_per_iter_s"][method] > 0
+    scaled = [r for r in results["runs"] if r["group"] == "left x10"]
+    assert all(r["term_weights"] == [10.0, 1.0, 1.0] for r in scaled)
+
+
+def _run_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "lossbalance", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_python_m_lossbalance(tmp_path, mnist_args):
+    args = ["demo", "--seeds", "1", "--epochs", "1", "--max-batches", "2", "--out", "o"]
+    proc = _run_module(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert list(summary) == ["Balanced-Adam", "Unbalanced-Adam", "Unbalanced-MTAdam"]
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "Command: `python -m lossbalance demo --seeds 1" in md
+    args = [
+        "mnist", *mnist_args, "--methods", "adam", "--seeds", "1", "--batch-size", "16",
+        "--max-batches", "1", "--test-limit", "20", "--no-plots", "--out", "m",
+    ]  # fmt: skip
+    proc = _run_module(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Unbalanced-Adam" in json.loads((tmp_path / "m" / "summary.json").read_text())
+
+
+def test_resume_reuses_finished_runs(tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["demo", "--methods", "adam", "--epochs", "1", "--max-batches", "2", "--quiet"]
+    base += ["--no-plots", "--out", str(out)]
+    assert main([*base, "--seeds", "1"]) == 0
+    first = json.loads((out / "results.json").read_text())["runs"]
+    assert not (out / "runs.jsonl").exists()  # the checkpoint is folded into results.json
+
+    # an interrupted command leaves only its checkpoint: resume from that
+    (out / "runs.jsonl").write_text(
+        json.dumps({"fingerprint": json.loads((out / "results.json").read_text())["fingerprint"],
+                    "run": first[0]}) + "\n" + '{"truncated'
+    )  # fmt: skip
+    (out / "results.json").unlink()
+    capsys.readouterr()
+    assert main([*base, "--seeds", "2", "--resume"]) == 0
+    assert "Resuming: 1 run(s)" in capsys.readouterr().out
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert runs[0] == first[0]  # reused as is (same timing), not trained again
+
+    # other settings (here the learning rate) are not mixed in
+    assert main([*base, "--seeds", "2", "--resume", "--lr", "0.01"]) == 0
+    assert "Resuming" not in capsys.readouterr().out
