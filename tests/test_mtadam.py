@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lossbalance
 from lossbalance import LossBalanceWarning, MTAdam
@@ -603,6 +604,42 @@ def test_mapping_of_losses_and_repr():
         "grad_mode",
     ):
         assert word in text
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host (``.item()``, ``bool()``, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_sync_free_step_never_reads_a_tensor_on_the_host(bad):
+    model = make_model()
+    opt = MTAdam(model.parameters(), lr=1e-2, sync_free=True, weight_decay=0.1)
+    data = batches(3)
+    opt.step(model.losses(data[0]))
+    opt._flush_pending()  # the previous step's flag is read here, outside the step
+    losses = model.losses(data[1])
+    if bad:
+        losses[2] = losses[2] * float("nan")
+    with _HostReads() as mode:
+        opt.step(losses)
+    assert mode.reads == 0
+    # the control: the host-check path does read the flag
+    opt_cpu = MTAdam(model.parameters(), lr=1e-2)
+    with _HostReads() as mode:
+        opt_cpu.step(model.losses(data[2]))
+    assert mode.reads >= 1
+    if bad:
+        with pytest.warns(LossBalanceWarning, match="skipped a step"):
+            assert opt.skipped_steps == 1
 
 
 def test_registry_entry():

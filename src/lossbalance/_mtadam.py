@@ -489,7 +489,7 @@ class MTAdam(Optimizer):
         # here, and good steps skip the masking that keeps accelerator steps sync-free.
         masked = self.sync_free if self.sync_free is not None else home.type != "cpu"
         if not masked and not bool(finite):
-            self._record_finite(finite)
+            self._record_finite(finite, masked)
             return finite
         weights = self._term_weight_tensor(home)
         start = 0
@@ -522,7 +522,7 @@ class MTAdam(Optimizer):
                 masked=masked,
             )
             start += len(ps)
-        self._record_finite(finite)
+        self._record_finite(finite, masked)
         return finite
 
     def _dist_group(self) -> Any:
@@ -598,19 +598,19 @@ class MTAdam(Optimizer):
             self._cache[("weights", home)] = cached
         return cached
 
-    def _record_finite(self, finite: Tensor) -> None:
+    def _record_finite(self, finite: Tensor, masked: bool) -> None:
         skipped = (~finite).to(torch.int64)
         if self._skipped is None or self._skipped.device != finite.device:
             if self._skipped is not None:
                 self._skipped_host += int(self._skipped.item())
             self._skipped = torch.zeros((), dtype=torch.int64, device=finite.device)
         self._skipped.add_(skipped)
-        if finite.device.type == "cpu":
+        if not masked:
             if not bool(finite):
                 self._warn_skip()
             return
-        # On an accelerator, read the flag later without blocking: copy it to the host
-        # asynchronously and look at it once the copy has completed.
+        # Read the flag later without blocking: copy it to the host asynchronously and
+        # look at it once the copy has completed (at a later step or skipped_steps).
         host = torch.empty((), dtype=torch.bool, pin_memory=torch.cuda.is_available())
         host.copy_(finite, non_blocking=True)
         event = torch.cuda.Event() if finite.device.type == "cuda" else None
