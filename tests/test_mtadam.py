@@ -572,16 +572,17 @@ def test_batched_grad_mode_matches_sequential():
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_low_precision_params_keep_fp32_state():
-    model = make_model(torch.bfloat16)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_params_keep_fp32_state(low):
+    model = make_model(low)
     opt = MTAdam(model.parameters(), lr=1e-2)
     before = model.a.weight.clone()
-    for x in batches(3, torch.bfloat16):
+    for x in batches(3, low):
         opt.step(model.losses(x))
     st = opt.state[model.a.weight]
     assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
     assert st["magnitude"].dtype == torch.float32
-    assert model.a.weight.dtype == torch.bfloat16 and not torch.equal(model.a.weight, before)
+    assert model.a.weight.dtype == low and not torch.equal(model.a.weight, before)
 
 
 def test_mapping_of_losses_and_repr():

@@ -59,6 +59,8 @@ class MTAdam(Optimizer):
     Because all terms share one bias correction, :math:`\sum_i m_i` is kept in a single
     buffer; only the second moments have one slice per term, so the state is
     :math:`(I + 1)|\theta|` elements plus :math:`I` magnitudes per parameter tensor.
+    bf16/fp16 parameters get float32 state; the update is computed in float32 and
+    rounded into the parameter (no float32 master copy is kept, as in torch.optim.Adam).
 
     Args:
         params: parameters or param groups (named parameters are accepted, and are needed
