@@ -11,6 +11,7 @@ single-process training on the whole batch. On CPU it uses the gloo backend.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -61,6 +62,10 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         print(f"parameters identical on all {world} ranks: {same}", flush=True)
+    # the DDP wrapper keeps the gloo group alive past destroy_process_group otherwise,
+    # which can abort the process at exit
+    del ddp
+    gc.collect()
     dist.destroy_process_group()
 
 

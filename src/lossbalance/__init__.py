@@ -40,6 +40,11 @@ from lossbalance._pcgrad import PCGrad
 from lossbalance._backward import backward
 from lossbalance._engine import term_gramian
 
+# --- integration (DDP, AMP, logging) ---
+# isort: split
+from lossbalance._accumulator import Accumulator
+from lossbalance._logging import TermLogger
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -49,6 +54,7 @@ __all__ = [
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "Accumulator",
     "Balancer",
     "DynamicNormalization",
     "FixedWeights",
@@ -62,6 +68,7 @@ __all__ = [
     "MTAdam",
     "MethodInfo",
     "PCGrad",
+    "TermLogger",
     "UncertaintyWeighting",
     "Uniform",
     "__version__",

@@ -1,16 +1,29 @@
-"""``lossbalance.backward``: balance K loss terms and write ``.grad``, for any optimizer."""
+"""``lossbalance.backward``: balance K loss terms and write ``.grad``, for any optimizer.
+
+Three ways through one call: the local path (the per-term gradients of this process), the
+distributed paths (per-term quantities averaged over ranks before balancing) and, shared
+with :class:`lossbalance.Accumulator`, the deferred path that balances per-term gradients
+summed over micro-batches. Every path raises ``_Skip`` for a non-finite step; ``backward``
+turns it into the documented NaN weights (and, under a GradScaler, NaN ``.grad``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lossbalance._base import Balancer
+from lossbalance._base import Balancer, GradientBalancer
+from lossbalance._distributed import all_reduce_mean, resolve_group, world_size
 from lossbalance._engine import (
     GRAMIAN_MODES,
+    _add_gramian,
+    _combine,
     as_features,
+    collect_terms,
     exact_or_gramian_terms,
     feature_terms,
     reachable_leaves,
@@ -29,6 +42,8 @@ def backward(
     features: Tensor | Sequence[Tensor] | None = None,
     mode: str = "auto",
     retain_graph: bool = False,
+    process_group: Any = "auto",
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> Tensor:
     r"""Balance K loss terms with ``balancer`` and accumulate the result into ``.grad``.
 
@@ -82,6 +97,17 @@ def backward(
             - ``"auto"`` (default): ``"feature"`` if ``features`` is given, else
               ``"exact"``.
         retain_graph: keep the graph after the last backward pass.
+        process_group: under ``torch.distributed``, the ranks' per-term quantities are
+            averaged before the balancer runs, so that every rank computes the same weights
+            and writes the same ``.grad``, equal to one process on the concatenated batch
+            (see Distributed). ``"auto"`` (default) uses the default group when one is
+            initialised with more than one rank; ``None`` never communicates; or a
+            ``ProcessGroup``.
+        grad_scaler: a ``torch.amp.GradScaler`` (see Mixed precision). The losses are
+            scaled by it for the backward passes, the Gramian is unscaled before the
+            balancer sees it, and ``.grad`` receives the *scaled* balanced gradients, like
+            ``scaler.scale(loss).backward()``: follow with ``scaler.step(optimizer)`` and
+            ``scaler.update()``.
 
     Returns:
         The weights applied, shape ``(K,)``, detached: for a loss-level balancer
@@ -112,7 +138,8 @@ def backward(
     Notes:
         - Gradients are accumulated like autograd does (``.grad`` is created if ``None``,
           added to otherwise), but written by this function: autograd's accumulation
-          hooks (e.g. ``DistributedDataParallel``'s all-reduce) do not fire.
+          hooks (e.g. ``DistributedDataParallel``'s all-reduce) do not fire; the averaging
+          over ranks is done here instead (see Distributed).
         - Non-finite values: if a loss (after ``transform``) is not finite, nothing is
           computed further, the balancer is not called (its state is unchanged) and no
           ``.grad`` is written. If the Gramian or a per-term gradient is not finite, the
@@ -120,7 +147,13 @@ def backward(
           final gradients are not finite, nothing is written (the balancer's state was
           already updated). In every case a :class:`~lossbalance.LossBalanceWarning` is
           emitted once and the returned weights are all NaN, so callers can tell (e.g.
-          ``if weights.isnan().any(): skip optimizer.step()``).
+          ``if weights.isnan().any(): skip optimizer.step()``). With ``grad_scaler``, the
+          ``.grad`` of every leaf the call would have written is set to NaN instead, as an
+          overflowing ``scaler.scale(loss).backward()`` would, so that
+          ``scaler.step(optimizer)`` skips the step and ``scaler.update()`` lowers the scale.
+        - Gradient accumulation: calling this once per micro-batch balances each
+          micro-batch on its own; :class:`lossbalance.Accumulator` balances the per-term
+          gradients summed over the micro-batches instead, as one large batch would.
         - Task-specific parameters receive their own term's gradient, unweighted, as in
           the papers (MGDA sec. 3.3, IMTL sec. 3); MGDA's authors' code also scaled the
           heads by alpha. A balancer whose paper weights the heads too sets
@@ -136,7 +169,83 @@ def backward(
           through z (weights tied between trunk and heads) get :math:`\sum_i \alpha_i` of
           their per-term gradients there too, but do not enter the Gramian; the features
           themselves get no ``.grad``.
+
+    Distributed:
+        With a process group of R > 1 ranks, each holding a shard of the batch, the
+        result is that of one process on the loss :math:`L_i = \frac1R \sum_r L_i^{(r)}`
+        (the concatenated batch, for mean-reduced losses on equal shards: DDP's convention).
+        The averaged loss values go to the balancer, so stateful balancers (initial-loss,
+        DWA, GradNorm's L(0)) hold the same state on every rank, and a NaN on one rank
+        makes every rank skip. Collectives per call:
+
+        - ``"exact"`` / ``"batched"``: **one** all-reduce of the loss values, the K per-term
+          gradient stacks of the shared parameters and the other leaves' gradients (per-term
+          stacks when the balancer has a ``transform`` or ``weights_heads``, whose
+          coefficients depend on the averaged losses; else their sums).
+        - ``"gramian"``: falls back to ``"exact"`` (warned once). The Gramian of the
+          averaged gradients has cross-rank terms :math:`\langle g_i^{(r)}, g_j^{(s)}\rangle`
+          that the ranks' local double-backward Gramians do not contain; getting them
+          without K gradient copies would take 2K sequential collectives.
+        - ``"feature"``: **two**. The features of different samples live on different ranks,
+          so the Gramian of the whole batch is a sum of local Gramians,
+          :math:`\mathcal G = \frac1{R^2} \sum_r \mathcal G^{(r)}` (the local z-gradients of
+          :math:`L_i^{(r)}` are R times those of :math:`L_i`); the first all-reduce carries
+          it with the loss values (K + K^2 numbers). The trunk's gradient
+          :math:`J_z^T \sum_i \alpha_i\, \partial L_i/\partial z` needs alpha and each rank's own
+          activations, so it is averaged by a second all-reduce (P numbers, as DDP would
+          send). One collective would need K per-term trunk gradients (K passes through
+          the trunk and K times the traffic): the second collective is the cheaper way.
+        - Loss level: **two**: the K loss values first (the weights of a nonlinear
+          ``combined`` depend on them), then the gradients of one weighted backward.
+
+        The model may be wrapped in ``DistributedDataParallel`` or not (its hooks do not
+        fire either way). Every rank must reach the same leaves (as DDP without
+        ``find_unused_parameters``); shared parameters unused on some ranks are fine.
+        Random balancers (PCGrad) must be seeded alike on every rank (``seed=`` or the
+        same ``torch.manual_seed`` before building them).
+
+    Mixed precision:
+        Under ``torch.autocast`` the per-term gradients come out of low-precision
+        backward passes; with ``grad_scaler`` the K losses are multiplied by the scale
+        :math:`s` first, so they do not underflow. Weights are not scale invariant for
+        every method (MGDA's min-norm weights are, GradNorm's norms are not), so the
+        balancer always sees the unscaled Gramian :math:`\mathcal G / s^2` and the
+        unscaled losses. Gradients that the balancer writes into its own parameters
+        (GradNorm's task weights) and those of a ``transform`` are multiplied by
+        :math:`s` too, so ``scaler.step`` unscales every ``.grad`` alike.
     """
+    check_balancer(balancer)
+    check_choice("mode", mode, GRAMIAN_MODES)
+    scaler = check_scaler(grad_scaler)
+    group = resolve_group(process_group)
+    # the caller may be under no_grad (e.g. inside an optimizer's step); the graph of the
+    # losses was built before, but reshaping or transforming them needs grad mode
+    with torch.enable_grad():
+        items = as_loss_list(losses)
+    check_num_terms(balancer, len(items))
+    params: list[Tensor] = []
+    try:
+        if balancer.kind == "loss":
+            if group is None:
+                return _loss_level(items, balancer, retain_graph, scaler)
+            return _loss_level_distributed(items, balancer, retain_graph, scaler, group)
+        params = shared_params(shared, balancer)
+        mode = resolve_mode(mode, features)
+        zs = as_features(features) if mode == "feature" else []
+        if group is None:
+            return _gradient_level(items, balancer, params, zs, mode, retain_graph, scaler)
+        if mode == "feature":
+            return _features_distributed(items, balancer, params, zs, retain_graph, scaler, group)
+        sums = TermSums(balancer, params, deferred_mode(mode, "torch.distributed"))
+        sums.add(items, zs, retain_graph, scaler)
+        return sums.finish(group, scaler)
+    except _Skip as skip:
+        return skip.resolve(
+            items[0], len(items), scaler, lambda: _written_leaves(items, balancer, params)
+        )
+
+
+def check_balancer(balancer: object) -> None:
     if isinstance(balancer, str):
         raise TypeError(
             f"balancer must be a Balancer instance, got the string {balancer!r}: build it once "
@@ -147,54 +256,280 @@ def backward(
         raise TypeError(
             f"balancer must be a lossbalance Balancer instance, got {type(balancer).__name__}"
         )
-    check_choice("mode", mode, GRAMIAN_MODES)
-    # the caller may be under no_grad (e.g. inside an optimizer's step); the graph of the
-    # losses was built before, but reshaping or transforming them needs grad mode
-    with torch.enable_grad():
-        items = as_loss_list(losses)
-    k = len(items)
+
+
+def check_num_terms(balancer: Balancer, k: int) -> None:
     if k != balancer.num_terms:
         raise ValueError(
             f"{type(balancer).__name__} was built for {balancer.num_terms} loss terms, got {k}"
         )
-    if balancer.kind == "loss":
-        return _loss_level(items, balancer, retain_graph)
-    params = _shared_params(shared, balancer)
-    mode = resolve_mode(mode, features)
-    zs = as_features(features) if mode == "feature" else []
-    return _gradient_level(items, balancer, params, zs, mode, retain_graph)
 
 
-def _loss_level(items: list[Tensor], balancer: Balancer, retain_graph: bool) -> Tensor:
+def check_scaler(grad_scaler: object) -> torch.amp.GradScaler | None:
+    """The scaler if it is enabled, ``None`` for no scaler or a disabled one."""
+    if grad_scaler is None:
+        return None
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(
+            f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+        )
+    return grad_scaler if grad_scaler.is_enabled() else None
+
+
+def deferred_mode(mode: str, why: str, stacklevel: int = 4) -> str:
+    """The collecting mode for summed or averaged per-term gradients: no ``"gramian"``."""
+    if mode == "gramian":
+        warn_once(
+            "backward-gramian-deferred",
+            f"mode='gramian' cannot be used with {why}: the Gramian of summed or averaged "
+            "gradients has cross terms that separate double-backward Gramians do not "
+            "contain; fell back to mode='exact' (K gradient copies)",
+            stacklevel=stacklevel,
+        )
+        return "exact"
+    return mode
+
+
+# --------------------------------------------------------------------------- skipping
+
+
+class _Skip(Exception):
+    """A non-finite step: raised anywhere below ``backward``, resolved there."""
+
+    def __init__(self, key: str, what: str) -> None:
+        super().__init__(what)
+        self.key = key
+        self.what = what
+
+    def resolve(
+        self,
+        like: Tensor,
+        k: int,
+        scaler: torch.amp.GradScaler | None,
+        leaves: Callable[[], list[Tensor]],
+        stacklevel: int = 4,
+    ) -> Tensor:
+        """Warn once, poison ``leaves()`` under a GradScaler, return K NaN weights."""
+        if scaler is None:
+            done = "skipped this step (no .grad written)"
+        else:
+            done = (
+                "skipped this step (.grad set to NaN, so that scaler.step skips the optimizer "
+                "step and scaler.update lowers the scale)"
+            )
+            _poison(leaves())
+        warn_once(
+            f"backward-nonfinite-{self.key}",
+            f"lossbalance.backward: {self.what}; {done} and returned NaN weights",
+            stacklevel=stacklevel,  # warn_once, resolve, backward (or Accumulator), caller
+        )
+        return torch.full((k,), float("nan"), dtype=like.dtype, device=like.device)
+
+
+def _written_leaves(
+    items: Sequence[Tensor], balancer: Balancer, params: Sequence[Tensor]
+) -> list[Tensor]:
+    """Every leaf a call of ``backward`` writes: shared, reached by the losses, own."""
+    ids = {id(p) for p in params}
+    leaves = list(params)
+    leaves += [p for p in reachable_leaves(list(items)) if id(p) not in ids]
+    return leaves + [p for p in balancer.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def _poison(leaves: Sequence[Tensor]) -> None:
+    seen: set[int] = set()
+    for p in leaves:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p.grad is None or p.grad.is_sparse:
+            p.grad = torch.full_like(p, float("nan"), requires_grad=False)
+        else:
+            p.grad.fill_(float("nan"))
+
+
+def _check_finite(key: str, what: str, tensors: Sequence[Tensor]) -> None:
+    if not _all_finite(tensors):
+        raise _Skip(key, what)
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def _scale_of(scaler: torch.amp.GradScaler | None) -> Tensor | None:
+    """The current loss scale as a float64 scalar tensor (no host sync)."""
+    if scaler is None:
+        return None
+    scale = scaler._scale  # set by scaler.scale(); what MTAdam.step reads too
+    assert scale is not None
+    return scale.double()
+
+
+def _scaled(items: Sequence[Tensor], scaler: torch.amp.GradScaler | None) -> list[Tensor]:
+    if scaler is None:
+        return list(items)
+    with torch.enable_grad():
+        return [scaler.scale(loss) for loss in items]
+
+
+def _unscale_gramian(gram: Tensor, scale: Tensor | None) -> Tensor:
+    if scale is None:
+        return gram
+    return gram / scale.to(gram.device).square()
+
+
+def _times(g: Tensor, scale: Tensor | None) -> Tensor:
+    return g if scale is None else g * scale.to(g.device, g.dtype)
+
+
+@contextmanager
+def _own_grads_scaled(balancer: Balancer, scale: Tensor | None) -> Iterator[None]:
+    """Multiply by the loss scale what ``balancer.weights`` writes into its own ``.grad``.
+
+    GradNorm trains its task weights inside ``weights()`` from the unscaled Gramian; under
+    a GradScaler every ``.grad`` must be scaled alike, since ``scaler.step`` unscales all.
+    """
+    if scale is None:
+        yield
+        return
+    own = [p for p in balancer.parameters() if p.requires_grad]
+    saved = [p.grad for p in own]
+    for p in own:
+        p.grad = None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, old in zip(own, saved, strict=True):
+                new = p.grad
+                if new is None:
+                    p.grad = old
+                    continue
+                new = _times(new, scale)
+                p.grad = new if old is None else old.add_(new)
+
+
+# --------------------------------------------------------------------------- loss level
+
+
+def _loss_level(
+    items: list[Tensor],
+    balancer: Balancer,
+    retain_graph: bool,
+    scaler: torch.amp.GradScaler | None,
+) -> Tensor:
     with torch.enable_grad():
         stacked = torch.stack(items)
-        if not _all_finite([stacked]):
-            return _skip("losses", "a loss is not finite", stacked)
+        _check_finite("losses", "a loss is not finite", [stacked])
         previous = balancer.last_weights
-        combined = balancer(stacked)
-        if not isinstance(combined, Tensor) or combined.numel() != 1:
-            raise RuntimeError(
-                f"{type(balancer).__name__}(losses) must return a scalar tensor, got "
-                f"{type(combined).__name__}"
-                + (f" of shape {tuple(combined.shape)}" if isinstance(combined, Tensor) else "")
-            )
-        combined = combined.reshape(())
+        combined = _combined(balancer, stacked)
         weights = balancer.last_weights
         if weights is None or weights is previous:
             # the balancer did not record its weights: d combined / d L_i by autograd
             (weights,) = torch.autograd.grad(combined, stacked, retain_graph=True)
             balancer.last_weights = weights.detach().clone()
         leaves = reachable_leaves([combined])
+        if scaler is not None:
+            combined = scaler.scale(combined)
         grads = (
             torch.autograd.grad(combined, leaves, retain_graph=retain_graph, allow_unused=True)
             if leaves
             else ()
         )
     writes = [(p, g) for p, g in zip(leaves, grads, strict=True) if g is not None]
-    if not _all_finite([g for _, g in writes]):
-        return _skip("grads", "a gradient is not finite", stacked)
+    _check_finite("grads", "a gradient is not finite", [g for _, g in writes])
     _accumulate(writes)
     return weights.detach().clone()
+
+
+def _combined(balancer: Balancer, losses: Tensor) -> Tensor:
+    combined = balancer(losses)
+    if not isinstance(combined, Tensor) or combined.numel() != 1:
+        raise RuntimeError(
+            f"{type(balancer).__name__}(losses) must return a scalar tensor, got "
+            f"{type(combined).__name__}"
+            + (f" of shape {tuple(combined.shape)}" if isinstance(combined, Tensor) else "")
+        )
+    return combined.reshape(())
+
+
+def _loss_weights(
+    balancer: Balancer, losses: Tensor, scale: Tensor | None
+) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+    """Run a loss-level balancer on loss values (averaged or summed, no graph).
+
+    Returns ``w = d combined / d L`` (what the model's gradients are weighted by), the
+    weights to report (``last_weights``) and the balancer's own gradients (times the loss
+    scale), all from ``combined = balancer(L)`` on a fresh leaf ``L``.
+    """
+    leaf = losses.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        previous = balancer.last_weights
+        combined = _combined(balancer, leaf)
+        own = reachable_leaves([combined], stop=[leaf])
+        grads = torch.autograd.grad(combined, [leaf, *own], allow_unused=True)
+    w = torch.zeros_like(leaf) if grads[0] is None else grads[0].detach()
+    if balancer.last_weights is None or balancer.last_weights is previous:
+        balancer.last_weights = w.clone()
+    own_writes = [
+        (p, _times(g, scale)) for p, g in zip(own, grads[1:], strict=True) if g is not None
+    ]
+    return w, balancer.last_weights.detach().clone(), own_writes
+
+
+def _loss_level_distributed(
+    items: list[Tensor],
+    balancer: Balancer,
+    retain_graph: bool,
+    scaler: torch.amp.GradScaler | None,
+    group: Any,
+) -> Tensor:
+    # Two collectives: the weights of a nonlinear combination depend on the averaged loss
+    # values, and the gradients of the one weighted backward on each rank's own data. One
+    # collective would need the K per-term gradients of every parameter instead.
+    with torch.enable_grad():
+        stacked = torch.stack(items)
+    (losses,) = all_reduce_mean([stacked.detach()], group)
+    _check_finite("losses", "a loss is not finite (on some rank)", [losses])
+    scale = _scale_of(_touch(scaler, stacked))
+    w, weights, own_writes = _loss_weights(balancer, losses, scale)
+    leaves = reachable_leaves(items)
+    with torch.enable_grad():
+        upstream = _times(w.to(stacked), scale)
+        grads = torch.autograd.grad(
+            stacked, leaves, grad_outputs=upstream, retain_graph=retain_graph, allow_unused=True
+        )
+    writes = _average_writes(leaves, list(grads), group)
+    _check_finite("grads", "a gradient is not finite (on some rank)", [g for _, g in writes])
+    _check_finite("grads", "a gradient is not finite", [g for _, g in own_writes])
+    _accumulate(writes + own_writes)
+    return weights
+
+
+def _touch(scaler: torch.amp.GradScaler | None, like: Tensor) -> torch.amp.GradScaler | None:
+    """Make sure the scaler's scale tensor exists (it is created lazily by ``scale()``)."""
+    if scaler is not None and scaler._scale is None:
+        scaler.scale(like.detach())
+    return scaler
+
+
+def _average_writes(
+    leaves: Sequence[Tensor], grads: Sequence[Tensor | None], group: Any
+) -> list[tuple[Tensor, Tensor]]:
+    """Average one gradient per leaf over the ranks; unreached leaves travel as zeros, with
+    a flag, so every rank sends the same layout and a leaf reached on no rank gets nothing."""
+    reached = [g is not None for g in grads]
+    flags = torch.tensor(reached, dtype=torch.float32, device=leaves[0].device) if leaves else None
+    if flags is None:
+        return []
+    dense = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)]
+    out = all_reduce_mean([flags, *dense], group)
+    hit = out[0].tolist()
+    return [(p, g) for p, g, h in zip(leaves, out[1:], hit, strict=True) if h > 0]
+
+
+# --------------------------------------------------------------------------- gradient level
 
 
 def _gradient_level(
@@ -204,24 +539,13 @@ def _gradient_level(
     features: list[Tensor],
     mode: str,
     retain_graph: bool,
+    scaler: torch.amp.GradScaler | None,
 ) -> Tensor:
-    k = len(items)
     with torch.enable_grad():
         stacked = torch.stack(items)
-        if not _all_finite([stacked]):
-            return _skip("losses", "a loss is not finite", stacked)
-        losses_t = balancer.transform(stacked)  # type: ignore[operator]
-        if not isinstance(losses_t, Tensor) or tuple(losses_t.shape) != (k,):
-            raise RuntimeError(
-                f"{type(balancer).__name__}.transform must return a tensor of shape ({k},), got "
-                + (
-                    repr(tuple(losses_t.shape))
-                    if isinstance(losses_t, Tensor)
-                    else type(losses_t).__name__
-                )
-            )
-        if not _all_finite([losses_t]):
-            return _skip("transformed", "a transformed loss is not finite", stacked)
+        _check_finite("losses", "a loss is not finite", [stacked])
+        losses_t = _transform(balancer, stacked)
+        _check_finite("transformed", "a transformed loss is not finite", [losses_t])
         shared_ids = {id(p) for p in params}
         # The per-term passes differentiate the raw terms one by one, so that pass i only
         # traverses what L_i depends on; a transform (hybrid IMTL) enters through its K x K
@@ -235,9 +559,12 @@ def _gradient_level(
         weigh_heads = bool(getattr(balancer, "weights_heads", False))
         heads = [p for p in reachable_leaves(items) if id(p) not in done] if weigh_heads else []
         step_retain = retain_graph or weigh_heads
+        # under a GradScaler every backward pass runs on the scaled losses
+        scaled = _scaled(items, scaler)
+        scale = _scale_of(scaler)
         if mode == "feature":
             step = feature_terms(
-                items,
+                scaled,
                 features,
                 params,
                 retain_graph=step_retain,
@@ -247,44 +574,309 @@ def _gradient_level(
         else:
             extra = [] if weigh_heads else [p for p in reachable_leaves(items) if id(p) not in done]
             step = exact_or_gramian_terms(
-                items, params, extra, mode=mode, retain_graph=step_retain, extra_weights=col_sums
+                scaled, params, extra, mode=mode, retain_graph=step_retain, extra_weights=col_sums
             )
-        gramian = step.gramian
+        gramian = _unscale_gramian(step.gramian, scale)
         if jac is not None:
             t = jac.to(gramian)
             gramian = t @ gramian @ t.T
-        fixed = step.fixed + list(zip(own, own_grads, strict=True))
+        fixed = step.fixed + [(p, _times(g, scale)) for p, g in zip(own, own_grads, strict=True)]
         checks = [gramian, *(g for _, g in fixed)] + ([] if jac is None else [jac])
-        if not _all_finite(checks):
-            return _skip("gramian", "a per-term gradient (or their Gramian) is not finite", stacked)
-        previous = balancer.last_weights
-        alpha = balancer.weights(gramian, losses_t.detach())  # type: ignore[operator]
-        if not isinstance(alpha, Tensor) or alpha.numel() != k:
-            raise RuntimeError(
-                f"{type(balancer).__name__}.weights must return a tensor of {k} weights, got "
-                + (repr(tuple(alpha.shape)) if isinstance(alpha, Tensor) else type(alpha).__name__)
-            )
-        alpha = alpha.detach().reshape(k)
-        if not _all_finite([alpha]):
-            return _skip(
-                "weights", f"{type(balancer).__name__} returned non-finite weights", stacked
-            )
-        if balancer.last_weights is None or balancer.last_weights is previous:
-            balancer.last_weights = alpha.clone()
+        _check_finite("gramian", "a per-term gradient (or their Gramian) is not finite", checks)
+        alpha = _call_weights(balancer, gramian, losses_t.detach(), scale)
         beta = alpha if jac is None else jac.to(alpha).T @ alpha
         writes = fixed + step.finish(beta)
         if heads:
             head_grads = torch.autograd.grad(
-                (beta.to(stacked) * stacked).sum(),
+                (beta.to(stacked) * torch.stack(scaled)).sum(),
                 heads,
                 retain_graph=retain_graph,
                 allow_unused=True,
             )
             writes += [(p, g) for p, g in zip(heads, head_grads, strict=True) if g is not None]
-    if not _all_finite([g for _, g in writes]):
-        return _skip("grads", "a combined gradient is not finite", stacked)
+    _check_finite("grads", "a combined gradient is not finite", [g for _, g in writes])
     _accumulate(writes)
     return alpha.clone()
+
+
+def _transform(balancer: Balancer, stacked: Tensor) -> Tensor:
+    k = stacked.shape[0]
+    losses_t = balancer.transform(stacked)  # type: ignore[operator]
+    if not isinstance(losses_t, Tensor) or tuple(losses_t.shape) != (k,):
+        raise RuntimeError(
+            f"{type(balancer).__name__}.transform must return a tensor of shape ({k},), got "
+            + (
+                repr(tuple(losses_t.shape))
+                if isinstance(losses_t, Tensor)
+                else type(losses_t).__name__
+            )
+        )
+    return losses_t
+
+
+def _has_transform(balancer: Balancer) -> bool:
+    method = getattr(type(balancer), "transform", GradientBalancer.transform)
+    return method is not GradientBalancer.transform
+
+
+def _call_weights(
+    balancer: Balancer, gramian: Tensor, losses_t: Tensor, scale: Tensor | None
+) -> Tensor:
+    """``balancer.weights(gramian, losses_t)``, validated; records ``last_weights``."""
+    k = balancer.num_terms
+    previous = balancer.last_weights
+    with _own_grads_scaled(balancer, scale):
+        alpha = balancer.weights(gramian, losses_t)  # type: ignore[operator]
+    if not isinstance(alpha, Tensor) or alpha.numel() != k:
+        raise RuntimeError(
+            f"{type(balancer).__name__}.weights must return a tensor of {k} weights, got "
+            + (repr(tuple(alpha.shape)) if isinstance(alpha, Tensor) else type(alpha).__name__)
+        )
+    alpha = alpha.detach().reshape(k)
+    _check_finite("weights", f"{type(balancer).__name__} returned non-finite weights", [alpha])
+    if balancer.last_weights is None or balancer.last_weights is previous:
+        balancer.last_weights = alpha.clone()
+    return alpha
+
+
+def _weigh(
+    balancer: Balancer,
+    losses: Tensor,
+    raw_gramian: Tensor,
+    shared_ids: set[int],
+    scale: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor | None, list[tuple[Tensor, Tensor]]]:
+    """A gradient-level balancer on loss values and the raw terms' (unscaled) Gramian.
+
+    The transform runs on a fresh leaf holding the (averaged or summed) loss values, so
+    its Jacobian T and the balancer's own gradients come from the same values on every
+    rank. Returns alpha, beta = T^T alpha, the column sums T^T 1 (``None`` for the
+    identity) and the balancer's own gradients (times the loss scale).
+    """
+    leaf = losses.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        losses_t = _transform(balancer, leaf)
+        _check_finite("transformed", "a transformed loss is not finite", [losses_t])
+        jac, own, own_grads = _transform_jacobian(leaf, losses_t, shared_ids)
+    gramian = raw_gramian
+    if jac is not None:
+        t = jac.to(gramian)
+        gramian = t @ gramian @ t.T
+    own_writes = [(p, _times(g, scale)) for p, g in zip(own, own_grads, strict=True)]
+    checks = [gramian, *(g for _, g in own_writes)] + ([] if jac is None else [jac])
+    _check_finite("gramian", "a per-term gradient (or their Gramian) is not finite", checks)
+    alpha = _call_weights(balancer, gramian, losses_t.detach(), scale)
+    if jac is None:
+        return alpha, alpha, None, own_writes
+    return alpha, jac.to(alpha).T @ alpha, jac.sum(0), own_writes
+
+
+def _features_distributed(
+    items: list[Tensor],
+    balancer: Balancer,
+    params: list[Tensor],
+    features: list[Tensor],
+    retain_graph: bool,
+    scaler: torch.amp.GradScaler | None,
+    group: Any,
+) -> Tensor:
+    shared_ids = {id(p) for p in params}
+    weigh_heads = bool(getattr(balancer, "weights_heads", False))
+    others = [p for p in reachable_leaves(items) if id(p) not in shared_ids]
+    # Non-shared leaves get sum_i c_i of their per-term gradients with c = T^T 1 (or beta
+    # for GradNorm), known only once the averaged losses are in: those leaves wait for one
+    # pass after the balancer. Without a transform c = 1 and the head passes give them.
+    late = others if _has_transform(balancer) or weigh_heads else []
+    scaled = _scaled(items, scaler)
+    scale = _scale_of(scaler)
+    with torch.enable_grad():
+        step = feature_terms(
+            scaled, features, params, retain_graph=retain_graph or bool(late), exclude=late
+        )
+        stacked = torch.stack([loss.detach() for loss in items])
+    losses, gram = all_reduce_mean([stacked, step.gramian], group)
+    # local z-gradients are those of R L_i (each rank's loss is a mean over its shard):
+    # G = sum_r G_r / R^2 = mean_r G_r / R
+    gram = _unscale_gramian(gram / world_size(group), scale)
+    _check_finite("losses", "a loss is not finite (on some rank)", [losses])
+    alpha, beta, col_sums, own_writes = _weigh(balancer, losses, gram, shared_ids, scale)
+    with torch.enable_grad():
+        writes = step.fixed + step.finish(beta)
+        if late:
+            coef = beta if weigh_heads else col_sums
+            assert coef is not None
+            late_grads = torch.autograd.grad(
+                (coef.to(stacked) * torch.stack(scaled)).sum(),
+                late,
+                retain_graph=retain_graph,
+                allow_unused=True,
+            )
+            writes += [(p, g) for p, g in zip(late, late_grads, strict=True) if g is not None]
+    local = {id(p): g for p, g in writes}
+    leaves = [*params, *others]
+    averaged = _average_writes(leaves, [local.get(id(p)) for p in leaves], group)
+    writes = averaged + own_writes
+    _check_finite(
+        "grads", "a combined gradient is not finite (on some rank)", [g for _, g in writes]
+    )
+    _accumulate(writes)
+    return alpha.clone()
+
+
+# --------------------------------------------------------------------------- deferred
+
+
+class TermSums:
+    """Per-term gradients and loss values summed over micro-batches, balanced once.
+
+    The deferred path of :func:`backward` under ``torch.distributed`` (one micro-batch) and
+    of :class:`lossbalance.Accumulator`. ``add`` runs the per-term passes of one
+    micro-batch and sums their raw results; ``finish`` averages them over the ranks in
+    one collective, balances and writes ``.grad``.
+
+    Gradient level: the shared parameters' K per-term stacks (their Gramian, or in
+    feature mode the features' Gramian, is formed at the end from the sums); the other
+    leaves' stacks when the balancer has a transform or weighs the heads, else their sums.
+    Loss level: the per-term stacks of every leaf, as the weights depend on the summed
+    losses.
+    """
+
+    def __init__(self, balancer: Balancer, params: list[Tensor], mode: str) -> None:
+        self.balancer = balancer
+        self.loss_level = balancer.kind == "loss"
+        self.shared = [] if self.loss_level else list(params)
+        self.mode = "exact" if self.loss_level and mode == "feature" else mode
+        self.stack_others = (
+            self.loss_level
+            or _has_transform(balancer)
+            or bool(getattr(balancer, "weights_heads", False))
+        )
+        self.others: list[Tensor] = []
+        self.grads: list[Tensor | None] = [None] * len(self.shared)
+        self.owned: list[bool] = [False] * len(self.shared)
+        self.gram: Tensor | None = None
+        self.losses: Tensor | None = None
+        self.loss_like: Tensor | None = None
+        self.count = 0
+
+    def leaves(self) -> list[Tensor]:
+        return [*self.shared, *self.others]
+
+    def add(
+        self,
+        items: list[Tensor],
+        features: list[Tensor],
+        retain_graph: bool,
+        scaler: torch.amp.GradScaler | None,
+    ) -> None:
+        known = {id(p) for p in self.leaves()}
+        new = [p for p in reachable_leaves(items) if id(p) not in known]
+        self.others += new
+        self.grads += [None] * len(new)
+        self.owned += [False] * len(new)
+        scaled = _scaled(items, scaler)
+        with torch.enable_grad():
+            terms = collect_terms(
+                scaled,
+                self.shared,
+                self.others,
+                mode=self.mode,
+                features=features,
+                stack_others=self.stack_others,
+                retain_graph=retain_graph,
+            )
+        for j, g in enumerate(terms.grads):
+            if g is None:
+                continue
+            acc = self.grads[j]
+            if acc is None:
+                self.grads[j] = g
+            elif self.owned[j]:
+                acc.add_(g.to(acc.dtype))
+            else:
+                # autograd may hand out aliased or expanded gradients: sum out of place
+                # once, into a buffer of our own, then in place
+                self.grads[j] = acc + g.to(acc.dtype)
+                self.owned[j] = True
+        if terms.gram is not None:
+            self.gram = terms.gram if self.gram is None else self.gram + terms.gram
+        values = torch.stack([loss.detach().reshape(()) for loss in items]).double()
+        self.losses = values if self.losses is None else self.losses + values.to(self.losses)
+        self.loss_like = items[0].detach()
+        self.count += 1
+
+    def finish(self, group: Any, scaler: torch.amp.GradScaler | None) -> Tensor:
+        """Average over ``group`` (one all-reduce), balance, write ``.grad``; weights."""
+        assert self.losses is not None and self.loss_like is not None
+        k = self.balancer.num_terms
+        leaves = self.leaves()
+        n = len(self.shared)
+        grads = list(self.grads)
+        gram = self.gram
+        losses = self.losses
+        if group is not None:
+            dense = [
+                torch.zeros(self._shape(j, p, k), dtype=p.dtype, device=p.device)
+                if g is None
+                else g
+                for j, (p, g) in enumerate(zip(leaves, grads, strict=True))
+            ]
+            flags = torch.tensor([g is not None for g in grads], dtype=torch.float64)
+            head = [losses, flags.to(losses.device)] + ([] if gram is None else [gram])
+            out = all_reduce_mean([*head, *dense], group)
+            losses = out[0]
+            hit = out[1].tolist()
+            if gram is not None:
+                # local feature gradients are R times those of the averaged loss
+                gram = out[2] / world_size(group)
+            grads = [g if h > 0 else None for g, h in zip(out[len(head) :], hit, strict=True)]
+        like = self.loss_like
+        losses = losses.to(like.device, like.dtype)
+        present = [g for g in grads if g is not None]
+        _check_finite("losses", "a loss is not finite", [losses])
+        scale = _scale_of(scaler)
+        if self.loss_level:
+            _check_finite("grads", "a per-term gradient is not finite", present)
+            w, weights, own_writes = _loss_weights(self.balancer, losses, scale)
+            writes = [
+                (p, _combine(w, g)) for p, g in zip(leaves, grads, strict=True) if g is not None
+            ]
+            writes += own_writes
+            _check_finite("grads", "a gradient is not finite", [g for _, g in writes])
+            _accumulate(writes)
+            return weights
+        if gram is None:
+            gram = torch.zeros(k, k, dtype=torch.float64, device=losses.device)
+            for g in grads[:n]:
+                if g is not None:
+                    _add_gramian(gram, g)
+        gram = _unscale_gramian(gram, scale)
+        _check_finite(
+            "gramian", "a per-term gradient (or their Gramian) is not finite", [gram, *present]
+        )
+        shared_ids = {id(p) for p in self.shared}
+        alpha, beta, col_sums, own_writes = _weigh(self.balancer, losses, gram, shared_ids, scale)
+        weigh_heads = bool(getattr(self.balancer, "weights_heads", False))
+        coef = beta if weigh_heads else col_sums
+        writes = []
+        for j, (p, g) in enumerate(zip(leaves, grads, strict=True)):
+            if g is None:
+                continue
+            if j < n:
+                writes.append((p, _combine(beta, g)))
+            elif self.stack_others:
+                c = torch.ones(k, dtype=torch.float64) if coef is None else coef
+                writes.append((p, _combine(c, g)))
+            else:
+                writes.append((p, g))
+        writes += own_writes
+        _check_finite("grads", "a combined gradient is not finite", [g for _, g in writes])
+        _accumulate(writes)
+        return alpha.clone()
+
+    def _shape(self, j: int, p: Tensor, k: int) -> tuple[int, ...]:
+        stacked = j < len(self.shared) or self.stack_others
+        return (k, *p.shape) if stacked else tuple(p.shape)
 
 
 def _transform_jacobian(
@@ -313,7 +905,7 @@ def _transform_jacobian(
     return jac, [p for p, _ in kept], [g for _, g in kept]
 
 
-def _shared_params(shared: nn.Module | Iterable[Tensor] | None, balancer: Balancer) -> list[Tensor]:
+def shared_params(shared: nn.Module | Iterable[Tensor] | None, balancer: Balancer) -> list[Tensor]:
     if shared is None:
         raise ValueError(
             f"{type(balancer).__name__} is a gradient-level balancer: pass shared=... (an "
@@ -360,16 +952,6 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
             continue
         extremes.setdefault(values.device, []).extend(torch.aminmax(values.detach()))
     return all(bool(torch.isfinite(torch.stack(e)).all()) for e in extremes.values())
-
-
-def _skip(key: str, what: str, like: Tensor) -> Tensor:
-    warn_once(
-        f"backward-nonfinite-{key}",
-        f"lossbalance.backward: {what}; skipped this step (no .grad written) and returned "
-        "NaN weights",
-        stacklevel=5,  # warn_once, _skip, _loss_level or _gradient_level, backward, caller
-    )
-    return torch.full(like.shape, float("nan"), dtype=like.dtype, device=like.device)
 
 
 @torch.no_grad()

@@ -17,7 +17,10 @@ or only its K x K Gramian ``J J^T``. Three ways to get it:
   is alive at a time: memory O(P) instead of O(K P), for about three times the compute.
 
 ``term_grads`` returns the stacked per-term gradients themselves (the MTAdam optimizer
-uses it); ``term_gramian`` returns the Gramian in any of the modes above.
+uses it); ``term_gramian`` returns the Gramian in any of the modes above;
+``collect_terms`` returns the raw per-term quantities of one micro-batch, to be summed
+over micro-batches or averaged over ranks before balancing (``lossbalance.Accumulator``,
+``torch.distributed``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from lossbalance._validation import check_choice, warn_once
 
-__all__ = ["GRAD_MODES", "GRAMIAN_MODES", "term_grads", "term_gramian"]
+__all__ = ["GRAD_MODES", "GRAMIAN_MODES", "collect_terms", "term_grads", "term_gramian"]
 
 GRAD_MODES = ("auto", "sequential", "batched")
 GRAMIAN_MODES = ("auto", "exact", "batched", "gramian", "feature")
@@ -544,14 +547,7 @@ def feature_terms(
     head_shared = [p for p in head if id(p) in shared_ids]
     head_extra = [p for p in head if id(p) not in shared_ids]
     if head_shared:
-        warn_once(
-            "engine-features-bypassed",
-            f"{len(head_shared)} shared parameter(s) are reached by the losses without going "
-            "through features=...: their per-term gradients are computed in full (the K "
-            "passes then traverse the trunk up to them) and they do not enter the Gramian. "
-            "Intended for weights tied between trunk and heads; otherwise pass as features "
-            "every trunk output that the heads use",
-        )
+        _warn_bypassed(len(head_shared))
     nz, ns = len(features), len(head_shared)
     grads = _per_term(
         losses,
@@ -567,11 +563,7 @@ def feature_terms(
         if g is not None:
             _add_gramian(gram, g)
     if all(g is None for g in z_grads):
-        warn_once(
-            "engine-features-unreached",
-            "no loss term reaches the features passed as features=...; the Gramian is zero "
-            "(pass the trunk's output that the heads take as input)",
-        )
+        _warn_unreached()
     fixed = [(p, g) for p, g in zip(head_extra, grads[nz + ns :], strict=True) if g is not None]
     head_stacks = [
         (p, g) for p, g in zip(head_shared, grads[nz : nz + ns], strict=True) if g is not None
@@ -612,3 +604,150 @@ def feature_terms(
         return out
 
     return TermStep(gram, fixed, finish)
+
+
+def _warn_bypassed(count: int) -> None:
+    warn_once(
+        "engine-features-bypassed",
+        f"{count} shared parameter(s) are reached by the losses without going "
+        "through features=...: their per-term gradients are computed in full (the K "
+        "passes then traverse the trunk up to them) and they do not enter the Gramian. "
+        "Intended for weights tied between trunk and heads; otherwise pass as features "
+        "every trunk output that the heads use",
+        stacklevel=4,
+    )
+
+
+def _warn_unreached() -> None:
+    warn_once(
+        "engine-features-unreached",
+        "no loss term reaches the features passed as features=...; the Gramian is zero "
+        "(pass the trunk's output that the heads take as input)",
+        stacklevel=4,
+    )
+
+
+# --------------------------------------------------------------------------- deferred
+
+
+@dataclass
+class TermGrads:
+    """Per-term gradients of one micro-batch, kept for balancing later.
+
+    Gradient accumulation and ``torch.distributed`` balance per-term quantities that are
+    sums over micro-batches or averages over ranks, so the balancing cannot run on one
+    micro-batch's gradients: :func:`collect_terms` returns them raw.
+
+    Attributes:
+        grads: one entry per leaf of ``[*shared, *others]``: the ``(K, *p.shape)`` per-term
+            stack for shared leaves (and for the others with ``stack_others``), else
+            ``sum_i dL_i/dp``; ``None`` where no term reaches the leaf.
+        gram: in feature mode, the Gramian of the per-term gradients of the features
+            (flattened per sample); ``None`` otherwise.
+    """
+
+    grads: list[Tensor | None]
+    gram: Tensor | None
+
+
+def collect_terms(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    *,
+    mode: str,
+    features: Sequence[Tensor] = (),
+    stack_others: bool,
+    retain_graph: bool,
+) -> TermGrads:
+    """Raw per-term gradients of ``losses``: stacks for ``shared``, stacks or sums for ``others``.
+
+    Modes ``"exact"`` / ``"batched"``: K passes (or one vectorised pass) over the whole
+    graph. Mode ``"feature"``: K passes through the heads give the per-term gradients of
+    the features z (their Gramian, and the heads' parameters), then K vector-Jacobian
+    products through the trunk give the trunk parameters' per-term gradients
+    :math:`J_z^T\\, \\partial L_i / \\partial z`: the weights are not known yet, so the
+    single weighted trunk pass of :func:`feature_terms` is not possible. The caller picks
+    ``"exact"`` for ``"gramian"``, whose O(P) memory trick cannot be summed over
+    micro-batches or ranks (the cross terms need the full gradients).
+    """
+    if mode not in ("exact", "batched", "feature"):
+        raise ValueError(f"collect_terms: mode {mode!r} (expected 'exact', 'batched', 'feature')")
+    n = len(shared)
+    if mode != "feature":
+        num_stacked = n + (len(others) if stack_others else 0)
+        grads = _per_term(
+            losses,
+            [*shared, *others],
+            num_stacked,
+            batched=mode == "batched",
+            retain_graph=retain_graph,
+        )
+        return TermGrads(grads, None)
+    return _collect_features(losses, features, shared, others, stack_others, retain_graph)
+
+
+def _collect_features(
+    losses: Sequence[Tensor],
+    features: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    others: Sequence[Tensor],
+    stack_others: bool,
+    retain_graph: bool,
+) -> TermGrads:
+    k = len(losses)
+    n = len(shared)
+    index = {id(p): j for j, p in enumerate([*shared, *others])}
+    out: list[Tensor | None] = [None] * len(index)
+    head = [p for p in reachable_leaves(losses, stop=features) if id(p) in index]
+    head_shared = [p for p in head if index[id(p)] < n]
+    head_others = [p for p in head if index[id(p)] >= n]
+    if head_shared:
+        _warn_bypassed(len(head_shared))
+    nz = len(features)
+    num_stacked = nz + len(head_shared) + (len(head_others) if stack_others else 0)
+    grads = _per_term(
+        losses,
+        [*features, *head_shared, *head_others],
+        num_stacked,
+        batched=False,
+        retain_graph=True,  # the trunk passes below may share nodes with the head passes
+    )
+    for p, g in zip([*head_shared, *head_others], grads[nz:], strict=True):
+        out[index[id(p)]] = g
+    gram = torch.zeros(k, k, dtype=torch.float64, device=_acc_device(losses[0]))
+    reached = [(z, g) for z, g in zip(features, grads[:nz], strict=True) if g is not None]
+    for _, g in reached:
+        _add_gramian(gram, g)
+    if not reached:
+        _warn_unreached()
+        return TermGrads(out, gram)
+    zs = [z for z, _ in reached]
+    done = {id(z) for z in features} | {id(p) for p in head}
+    trunk = [p for p in reachable_leaves(zs) if id(p) not in done and id(p) in index]
+    stacks = [index[id(p)] < n or stack_others for p in trunk]
+    bufs: list[Tensor | None] = [None] * len(trunk)
+    for i in range(k if trunk else 0):
+        row = torch.autograd.grad(
+            zs,
+            trunk,
+            grad_outputs=[g[i] for _, g in reached],
+            retain_graph=retain_graph or i < k - 1,
+            allow_unused=True,
+        )
+        for j, g in enumerate(row):
+            if g is None:
+                continue
+            _check_dense(g, index[id(trunk[j])])
+            buf = bufs[j]
+            if stacks[j]:
+                if buf is None:
+                    buf = bufs[j] = g.new_zeros((k, *g.shape))
+                buf[i].copy_(g)
+            elif buf is None:
+                bufs[j] = g.clone()
+            else:
+                buf.add_(g)
+    for p, buf in zip(trunk, bufs, strict=True):
+        out[index[id(p)]] = buf
+    return TermGrads(out, gram)
