@@ -278,6 +278,9 @@ def _sequential(
     if not params:
         return out
     coef = None if sum_weights is None else sum_weights.detach().cpu().tolist()
+    # stacks are allocated uninitialised (a zero fill is a full extra pass over K x |p|);
+    # only the rows of terms that do not reach a parameter are zeroed afterwards
+    written: list[list[bool]] = [[False] * k for _ in range(num_stacked)]
     for i, loss in enumerate(losses):
         if not loss.requires_grad:
             continue
@@ -291,15 +294,22 @@ def _sequential(
             buf = out[j]
             if j < num_stacked:
                 if buf is None:
-                    buf = g.new_zeros((k, *g.shape))
+                    buf = g.new_empty((k, *g.shape))
                     out[j] = buf
                 buf[i].copy_(g)
+                written[j][i] = True
             elif buf is None:
                 out[j] = g.clone() if coef is None else g * coef[i]
             elif coef is None:
                 buf.add_(g)
             else:
                 buf.add_(g, alpha=coef[i])
+    for j in range(num_stacked):
+        buf = out[j]
+        if buf is not None:
+            for i in range(k):
+                if not written[j][i]:
+                    buf[i].zero_()
     return out
 
 
