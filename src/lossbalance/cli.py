@@ -6,6 +6,9 @@ Subcommands::
     lossbalance demo                     weighted per-class terms on the 8x8 digits (CPU, < 2 min)
     lossbalance mnist [--ablation]       MTAdam paper, Table 1 (Table 5 with --ablation)
     lossbalance multimnist               IMTL paper, Table 1 protocol at small scale
+    lossbalance pix2pix [--ablation]     MTAdam paper, pix2pix: edges -> image, Fashion-MNIST
+    lossbalance srgan                    MTAdam paper, SRGAN: 4x super-resolution, Fashion-MNIST
+    lossbalance cyclegan                 MTAdam paper, CycleGAN: unpaired MNIST <-> Fashion-MNIST
 
 Every experiment writes ``summary.json``, ``results.json``, ``results.md`` (its header
 holds the exact command) and PNG plots into ``--out`` and prints the table. The method
@@ -66,7 +69,13 @@ def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> N
         metavar="NAME",
         help="rows to run, space- or comma-separated: sgd-m, rmsprop, adam, mtadam, "
         "mtadam-<ablation>, any registry balancer (see 'lossbalance list'), or 'all'"
-        + ("; prefix 'balanced-' for unit term weights" if command in ("demo", "mnist") else "")
+        + (
+            "; prefix 'balanced-' for unit term weights"
+            if command in ("demo", "mnist")
+            else "; prefix 'balanced-' for the prescribed term weights"
+            if command in _GAN_COMMANDS
+            else ""
+        )
         + (f" (default: {' '.join(d('methods'))})" if d("methods") else ""),
     )
     g.add_argument("--seeds", type=_positive_int, help=f"seeds per row (default: {d('seeds')})")
@@ -116,16 +125,17 @@ def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> N
     )
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
+def _add_data(p: argparse.ArgumentParser, dataset: bool = True) -> None:
     g = p.add_argument_group("data")
     g.add_argument(
         "--data-dir",
         help="directory with the idx .gz files, directly or in a <dataset>/ subdirectory "
         "(default: $LOSSBALANCE_DATA_DIR, else ./data)",
     )
-    g.add_argument(
-        "--dataset", choices=["mnist", "fashion-mnist"], help="source images (default: mnist)"
-    )
+    if dataset:
+        g.add_argument(
+            "--dataset", choices=["mnist", "fashion-mnist"], help="source images (default: mnist)"
+        )
     g.add_argument("--no-download", action="store_true", help="never download (offline machines)")
     g.add_argument(
         "--no-verify",
@@ -135,12 +145,83 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     )
 
 
+_GAN_COMMANDS = ("pix2pix", "srgan", "cyclegan")
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _add_gan(
+    p: argparse.ArgumentParser,
+    config_cls: type,
+    command: str,
+    weights: tuple[Sequence[float], Sequence[float]],
+) -> None:
+    d = lambda name: _default(config_cls, name)  # noqa: E731
+    _add_common(p, config_cls, command)
+    _add_data(p, dataset=False)
+    g = p.add_argument_group("adversarial training")
+    g.add_argument(
+        "--ablation",
+        action="store_true",
+        help="MTAdam and its five Table 5 variants (unbalanced terms) instead of the default rows",
+    )
+    g.add_argument(
+        "--beta1",
+        type=float,
+        help=f"beta1 of Adam and MTAdam, generator and discriminator (default: {d('beta1'):g})",
+    )
+    g.add_argument("--d-lr", type=float, help="the discriminator's learning rate (default: --lr)")
+    for which, default in zip(("balanced", "unbalanced"), weights, strict=True):
+        g.add_argument(
+            f"--{which}-weights",
+            type=_nonneg_float,
+            nargs="+",
+            metavar="W",
+            help=f"term weights of the {which.capitalize()} rows, one per term (default: "
+            + " ".join(f"{w:g}" for w in default)
+            + ")",
+        )
+    g.add_argument(
+        "--samples",
+        type=_positive_int,
+        help=f"test images in samples.png, per direction for cyclegan (default: {d('samples')})",
+    )
+    c = p.add_argument_group("feature classifier (FD-FMNIST, perceptual loss)")
+    c.add_argument(
+        "--cache-dir",
+        help="where the trained classifier is cached (default: $LOSSBALANCE_CACHE_DIR, else "
+        "<data-dir>/cache when writable, else ~/.cache/lossbalance)",
+    )
+    c.add_argument(
+        "--classifier-epochs",
+        type=_positive_int,
+        help=f"its training epochs (default: {d('classifier_epochs')})",
+    )
+    c.add_argument(
+        "--classifier-train-limit",
+        type=_positive_int,
+        help="train it on the first N training images (default: all; tiny test runs)",
+    )
+
+
 def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     import lossbalance
+    from lossbalance.experiments import cyclegan, pix2pix, srgan
+    from lossbalance.experiments.cyclegan import CycleGanConfig
     from lossbalance.experiments.demo import DemoConfig
     from lossbalance.experiments.mnist import MnistConfig
     from lossbalance.experiments.multimnist import MultiMnistConfig
+    from lossbalance.experiments.pix2pix import Pix2PixConfig
+    from lossbalance.experiments.srgan import SrganConfig
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -221,6 +302,46 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
     multi.add_argument(
         "--feature-dim", type=_positive_int, help="shared feature width (default: 64)"
     )
+
+    pix = sub.add_parser(
+        "pix2pix",
+        help="MTAdam paper, pix2pix: Fashion-MNIST edges -> image, L1 + GAN",
+        description="pix2pix-style edges -> image on Fashion-MNIST (U-Net, PatchGAN): "
+        "L = λ1·L1 + λ2·GAN, Balanced-Adam λ = (100, 1) against SGD-M, RMSProp, Adam and "
+        "MTAdam on λ = (100, 100). Test L1, L2, NMSE, PSNR, SSIM and FD-FMNIST.",
+    )
+    _add_gan(pix, Pix2PixConfig, "pix2pix", (pix2pix.BALANCED_WEIGHTS, pix2pix.UNBALANCED_WEIGHTS))
+    pix.add_argument(
+        "--edge-threshold",
+        type=float,
+        help="Sobel threshold relative to the image's largest gradient (default: 0.25)",
+    )
+    pix.add_argument("--width", type=_positive_int, help="U-Net width (default: 32)")
+
+    sr = sub.add_parser(
+        "srgan",
+        help="MTAdam paper, SRGAN: 4x super-resolution of Fashion-MNIST, MSE + GAN + perceptual",
+        description="SRGAN-style 7x7 -> 28x28 super-resolution of Fashion-MNIST: "
+        "L = λ1·MSE + λ2·GAN + λ3·perceptual, Balanced-Adam λ = (1, 0.001, 0.006) against "
+        "SGD-M, RMSProp, Adam and MTAdam on λ = (1, 1, 1). Test PSNR, SSIM and FD-FMNIST.",
+    )
+    _add_gan(sr, SrganConfig, "srgan", (srgan.BALANCED_WEIGHTS, srgan.UNBALANCED_WEIGHTS))
+    sr.add_argument("--width", type=_positive_int, help="generator width (default: 64)")
+    sr.add_argument("--blocks", type=_positive_int, help="generator residual blocks (default: 4)")
+
+    cyc = sub.add_parser(
+        "cyclegan",
+        help="MTAdam paper, CycleGAN: unpaired MNIST <-> Fashion-MNIST, six terms",
+        description="CycleGAN-style unpaired translation between MNIST and Fashion-MNIST with "
+        "the six CycleGAN terms (2 GAN, 2 cycle, 2 identity): Balanced-Adam λ = "
+        "(1, 1, 10, 10, 5, 5) against SGD-M, RMSProp, Adam and MTAdam on all λ = 1. Test "
+        "FD-FMNIST (MNIST -> Fashion), FD-MNIST (Fashion -> MNIST) and the cycle L1.",
+    )
+    _add_gan(
+        cyc, CycleGanConfig, "cyclegan", (cyclegan.BALANCED_WEIGHTS, cyclegan.UNBALANCED_WEIGHTS)
+    )
+    cyc.add_argument("--width", type=_positive_int, help="generator width (default: 32)")
+    cyc.add_argument("--blocks", type=_positive_int, help="generator residual blocks (default: 3)")
     return parser
 
 
@@ -270,6 +391,7 @@ def _list_methods() -> None:
     _out("  " + ", ".join(MTADAM_VARIANTS))
     _out("      MTAdam and the five ablations of the MTAdam paper's Table 5")
     _out("  prefix 'balanced-' (demo, mnist): train on unit term weights, e.g. balanced-adam")
+    _out("  prefix 'balanced-' (pix2pix, srgan, cyclegan): train on the prescribed term weights")
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
@@ -283,7 +405,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         _list_methods()
         return 0
 
-    from lossbalance.experiments import demo, mnist, multimnist
+    from lossbalance.experiments import cyclegan, demo, mnist, multimnist, pix2pix, srgan
     from lossbalance.experiments.data import ChecksumError, DatasetNotFoundError
     from lossbalance.experiments.harness import resolve_device
     from lossbalance.experiments.methods import resolve_methods
@@ -301,6 +423,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         "demo": (demo, demo.DemoConfig),
         "mnist": (mnist, mnist.MnistConfig),
         "multimnist": (multimnist, multimnist.MultiMnistConfig),
+        "pix2pix": (pix2pix, pix2pix.Pix2PixConfig),
+        "srgan": (srgan, srgan.SrganConfig),
+        "cyclegan": (cyclegan, cyclegan.CycleGanConfig),
     }[args.command]
     # Bad names and values are reported before any data is read or any run starts.
     try:

@@ -6,6 +6,7 @@ strict JSON; the Markdown table shows them as ``NaN``.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -22,11 +23,14 @@ __all__ = [
     "ExperimentResult",
     "append_checkpoint",
     "config_fingerprint",
+    "decode_images",
+    "encode_images",
     "format_mean_std",
     "library_versions",
     "load_previous_runs",
     "markdown_table",
     "plot_metrics",
+    "plot_samples",
     "plot_traces",
     "summarize",
     "to_jsonable",
@@ -54,7 +58,11 @@ class ExperimentResult:
         table: the Markdown body (tables and notes), without the command header.
         plot_metrics: ``(key, label)`` of the metrics to plot against epochs.
         term_names: names of the K terms (legend of the trace plot).
-        extra: anything else for results.json.
+        extra: anything else for results.json. With ``extra["sample_images"]`` (reference
+            image rows, see :func:`plot_samples`) and runs that carry ``samples``, the
+            report also writes ``samples.png``.
+        extra_plots: more metric plots, ``(file name, title, [(key, label), ...])``, e.g.
+            the training losses per epoch.
     """
 
     name: str
@@ -70,6 +78,7 @@ class ExperimentResult:
     plot_metrics: list[tuple[str, str]]
     term_names: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
+    extra_plots: list[tuple[str, str, list[tuple[str, str]]]] = field(default_factory=list)
 
 
 def library_versions() -> dict[str, Any]:
@@ -186,10 +195,14 @@ def _pyplot() -> Any:
 
 
 def plot_metrics(
-    result: ExperimentResult, path: str | Path, metrics: Sequence[tuple[str, str]] | None = None
+    result: ExperimentResult,
+    path: str | Path,
+    metrics: Sequence[tuple[str, str]] | None = None,
+    *,
+    subject: str = "test metrics",
 ) -> Path:
     """Test metrics against epochs: one panel per metric, one line (mean ± std over seeds)
-    per row; rows of a second column group are dashed."""
+    per row; rows of a second column group are dashed. ``subject`` names what is plotted."""
     plt = _pyplot()
     metrics = list(metrics or result.plot_metrics)
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
@@ -212,7 +225,7 @@ def plot_metrics(
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7)
-    fig.suptitle(f"{result.title}: test metrics (mean ± std over {len(result.seeds)} seed(s))")
+    fig.suptitle(f"{result.title}: {subject} (mean ± std over {len(result.seeds)} seed(s))")
     fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 0.95))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +276,62 @@ def plot_traces(result: ExperimentResult, path: str | Path) -> Path | None:
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
     legend_rows = math.ceil(len(labels) / max(1, ncol))
     fig.tight_layout(rect=(0, min(0.3, 0.04 * legend_rows / nrows + 0.02), 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def encode_images(images: Any) -> dict[str, Any]:
+    """uint8 images ``(N, H, W)`` as a compact JSON value: ``{"shape", "base64"}``."""
+    arr = np.ascontiguousarray(np.asarray(images, dtype=np.uint8))
+    return {"shape": list(arr.shape), "base64": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def decode_images(blob: Mapping[str, Any]) -> np.ndarray:
+    """The inverse of :func:`encode_images`."""
+    raw = base64.b64decode(blob["base64"])
+    return np.frombuffer(raw, dtype=np.uint8).reshape(blob["shape"]).copy()
+
+
+def plot_samples(result: ExperimentResult, path: str | Path) -> Path | None:
+    """A grid of test samples: the reference rows of ``result.extra["sample_images"]``
+    (a list of ``[label, encoded images]``, e.g. the input and the target), then one row per
+    table row with the outputs of its first seed's run (``run["samples"]``). Returns
+    ``None`` when there is nothing to show."""
+    reference = result.extra.get("sample_images") or []
+    rows: list[tuple[str, np.ndarray]] = [(label, decode_images(b)) for label, b in reference]
+    for row in result.rows:
+        run = next((r for r in result.runs if r["row"] == row and r.get("samples")), None)
+        if run is not None:
+            rows.append((f"{row} (seed {run['seed']})", decode_images(run["samples"])))
+    if not rows or len(rows) == len(reference):
+        return None
+    plt = _pyplot()
+    cols = max(len(images) for _, images in rows)
+    side = max(max(images.shape[1:]) for _, images in rows)
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(0.75 * cols + 2.8, 0.8 * len(rows) + 0.3), squeeze=False
+    )
+    for ax, (label, images) in zip(axes[:, 0], rows, strict=True):
+        # images of another size (a low-resolution input) are centred in a side x side cell
+        canvas = np.full((side, cols * (side + 2)), 255, dtype=np.uint8)
+        for j, img in enumerate(images):
+            h, w = img.shape
+            r0, c0 = (side - h) // 2, j * (side + 2) + (side - w) // 2
+            if (h, w) != (side, side):
+                scale = side // max(h, w)
+                img = np.kron(img, np.ones((scale, scale), dtype=np.uint8))
+                h, w = img.shape
+                r0, c0 = (side - h) // 2, j * (side + 2) + (side - w) // 2
+            canvas[r0 : r0 + h, c0 : c0 + w] = img
+        ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{result.title}: test samples", fontsize=9)
+    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -370,5 +439,10 @@ def write_report(
         traces = plot_traces(result, out / "weights.png")
         if traces is not None:
             written.append(traces)
+        for name, title, keys in result.extra_plots:
+            written.append(plot_metrics(result, out / name, keys, subject=title))
+        samples = plot_samples(result, out / "samples.png")
+        if samples is not None:
+            written.append(samples)
     (out / CHECKPOINT).unlink(missing_ok=True)
     return written
