@@ -1,0 +1,333 @@
+"""Full training step of MTAdam against Adam and a naive Algorithm-1 MTAdam.
+
+Question: what does a full step (forward + per-term gradients + update) cost with
+``lossbalance.MTAdam``, against ``torch.optim.Adam`` on the summed loss and against a
+naive MTAdam written like the authors' code (``naive_mtadam.py``)? How large is MTAdam's
+update next to forward + I sequential ``autograd.grad`` (the CPU target: <= 10%)? How much
+optimizer state does each hold? Where does the time of an MTAdam step go (profiler)?
+
+Setting (issue 5): the PyTorch MNIST-example CNN, batch 64, I = 10 per-class terms
+L_i = (sum of the NLL of class-i samples) / B, random inputs, training mode (dropout on).
+
+Run: ``python benchmarks/bench_mtadam_step.py [--device cuda] [--repeats 10]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _common import (
+    MnistCNN,
+    Report,
+    class_terms,
+    interleaved,
+    med,
+    mib,
+    ms,
+    now,
+    num_params,
+    parser,
+    peak_memory,
+    peak_memory_reset,
+    ratio,
+    setup,
+    spread,
+    synchronizer,
+)
+from naive_mtadam import NaiveMTAdam
+from torch import Tensor
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import lossbalance
+import lossbalance._mtadam as mtadam_module
+
+
+def check_naive_matches(device: torch.device, steps: int = 3) -> float:
+    """Max relative parameter difference between NaiveMTAdam and MTAdam (float64, eval)."""
+    torch.manual_seed(1)
+    base = MnistCNN().to(device, torch.float64).eval()
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64, device=device)
+    y = torch.arange(8, device=device) % 10
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    opts = [lossbalance.MTAdam(models[0].parameters()), NaiveMTAdam(models[1].parameters())]
+    for _ in range(steps):
+        for model, opt in zip(models, opts, strict=True):
+            opt.step(class_terms(model(x), y, 10))
+    worst = 0.0
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        worst = max(worst, float((a - b).abs().max().detach() / a.abs().max().detach()))
+    return worst
+
+
+def state_elements(opt: torch.optim.Optimizer) -> int:
+    if isinstance(opt, NaiveMTAdam):
+        return opt.state_elements()
+    return sum(
+        v.numel()
+        for s in opt.state.values()
+        for v in s.values()
+        if isinstance(v, Tensor) and v.dim() > 0
+    )
+
+
+def top_ops(events: Any, within: str | None, limit: int, device_type: str) -> list[list[str]]:
+    """Rows (op, self CPU ms, share) of the ops with the largest self CPU time, optionally
+    only those inside the ``record_function`` ranges named ``within``."""
+    evs = [e for e in events if e.device_type.name == "CPU"]
+    if within is not None:
+        ranges = [(e.time_range.start, e.time_range.end, e.thread) for e in evs if e.name == within]
+        evs = [
+            e
+            for e in evs
+            if e.name != within
+            and any(
+                s <= e.time_range.start and e.time_range.end <= t and th == e.thread
+                for s, t, th in ranges
+            )
+        ]
+    else:
+        evs = [e for e in evs if not e.name.startswith("lb::")]
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for e in evs:
+        totals[e.name] = totals.get(e.name, 0.0) + e.self_cpu_time_total
+        counts[e.name] = counts.get(e.name, 0) + 1
+    whole = sum(totals.values()) or 1.0
+    rows = sorted(totals.items(), key=lambda kv: -kv[1])[:limit]
+    return [
+        [f"`{name}`", str(counts[name]), f"{t / 1e3:.2f}", f"{100 * t / whole:.1f}%"]
+        for name, t in rows
+    ]
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--terms", type=int, default=10)
+    p.add_argument("--profile-steps", type=int, default=3)
+    args = p.parse_args()
+    device = setup(args)
+    repeats = args.repeats or (1 if args.quick else 10)
+    batch = 8 if args.quick else args.batch
+    k = args.terms
+    rep = Report("mtadam_step", "MTAdam full step: MNIST CNN", args, device)
+
+    err = check_naive_matches(device)
+    rep.add(
+        f"Correctness: NaiveMTAdam vs lossbalance.MTAdam after 3 steps (float64, batch 8): "
+        f"max relative parameter difference {err:.1e}",
+        "",
+    )
+    assert err < 1e-9, f"naive baseline disagrees with MTAdam ({err})"
+
+    torch.manual_seed(args.seed)
+    base = MnistCNN().to(device)
+    x = torch.randn(batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    models = {name: copy.deepcopy(base) for name in ("adam", "mtadam", "instr", "naive")}
+    opts: dict[str, torch.optim.Optimizer] = {
+        "adam": torch.optim.Adam(models["adam"].parameters()),
+        "mtadam": lossbalance.MTAdam(models["mtadam"].parameters()),
+        "instr": lossbalance.MTAdam(models["instr"].parameters()),
+        "naive": NaiveMTAdam(models["naive"].parameters()),
+    }
+    sync = synchronizer(device)
+    parts: dict[str, list[float]] = {"forward": [], "term_grads": [], "update": []}
+
+    def adam_step() -> None:
+        opt = opts["adam"]
+        opt.zero_grad(set_to_none=True)
+        torch.stack(class_terms(models["adam"](x), y, k)).sum().backward()
+        opt.step()
+
+    def mtadam_step() -> None:
+        opts["mtadam"].step(class_terms(models["mtadam"](x), y, k))
+
+    def naive_step() -> None:
+        opts["naive"].step(class_terms(models["naive"](x), y, k))
+
+    original = mtadam_module.term_grads
+    grads_time: list[float] = []
+
+    def timed_term_grads(*a: Any, **kw: Any) -> Any:
+        sync()
+        start = now()
+        with record_function("lb::term_grads"):
+            out = original(*a, **kw)
+        sync()
+        grads_time.append(now() - start)
+        return out
+
+    opt_instr = opts["instr"]
+    apply = opt_instr._apply  # type: ignore[attr-defined]
+
+    def labelled_apply(*a: Any, **kw: Any) -> Any:
+        with record_function("lb::update"):
+            return apply(*a, **kw)
+
+    opt_instr._apply = labelled_apply  # type: ignore[attr-defined]
+
+    def instrumented_step() -> None:
+        sync()
+        t0 = now()
+        with record_function("lb::forward"):
+            losses = class_terms(models["instr"](x), y, k)
+        sync()
+        t1 = now()
+        mtadam_module.term_grads = timed_term_grads  # type: ignore[assignment]
+        try:
+            opt_instr.step(losses)
+        finally:
+            mtadam_module.term_grads = original
+        sync()
+        t2 = now()
+        parts["forward"].append(t1 - t0)
+        parts["term_grads"].append(grads_time[-1])
+        parts["update"].append(t2 - t1 - grads_time[-1])
+
+    mfwd = copy.deepcopy(base)
+    params_fwd = list(mfwd.parameters())
+
+    def fwd_seq_grads() -> None:
+        losses = class_terms(mfwd(x), y, k)
+        for i, loss in enumerate(losses):
+            torch.autograd.grad(loss, params_fwd, retain_graph=i < k - 1)
+
+    # the memory-bandwidth yardstick: one in-place read-write pass over an (I, P) stack
+    stack = torch.ones(k, num_params(base), device=device)
+
+    def one_pass() -> None:
+        stack.mul_(1.0)
+
+    fns: dict[str, Callable[[], None]] = {
+        "Adam (summed loss)": adam_step,
+        "lossbalance.MTAdam": mtadam_step,
+        "naive MTAdam (Algorithm 1 loops)": naive_step,
+        "MTAdam, instrumented": instrumented_step,
+        "forward + I autograd.grad (no optimizer)": fwd_seq_grads,
+        "one read-write pass over the (I, P) stack": one_pass,
+    }
+    times = interleaved(fns, repeats, 0 if args.quick else args.warmup, device)
+    for lst in parts.values():
+        del lst[: len(lst) - repeats]  # drop the warm-up runs
+
+    t_adam = times["Adam (summed loss)"]
+    rows = []
+    for name, ts in times.items():
+        rows.append([name, spread(ts), f"{ratio(ts, t_adam):.2f}", f"{min(ts) / min(t_adam):.2f}"])
+    n = num_params(base)
+    rep.add(
+        f"Model: MNIST CNN, P = |theta| = {n:,} parameters, batch {batch}, I = {k} per-class "
+        f"terms, float32, training mode. {repeats} interleaved repetitions after "
+        f"{0 if args.quick else args.warmup} warm-up rounds; ms as median [min-max]; "
+        "'x Adam' is the median of the per-round ratios, 'x Adam (min)' the ratio of minima.",
+        "",
+    )
+    rep.table(["full step", "ms", "x Adam", "x Adam (min)"], rows)
+
+    f, g, u = (med(parts[key]) for key in ("forward", "term_grads", "update"))
+    fm, gm, um = (min(parts[key]) for key in ("forward", "term_grads", "update"))
+    rep.add(
+        "MTAdam step breakdown (instrumented copy; medians, minima in brackets): "
+        f"forward {ms(f)} [{ms(fm)}] ms, per-term gradients (engine, sequential) {ms(g)} "
+        f"[{ms(gm)}] ms, update (everything in step() but the gradients) {ms(u)} [{ms(um)}] ms.",
+        "",
+    )
+    # the update against forward + gradients of the same step, then the median over steps
+    passes = ratio(parts["update"], times["one read-write pass over the (I, P) stack"])
+    rep.add(
+        f"The update costs as much as {passes:.1f} in-place read-write passes over the "
+        f"(I, P) float32 gradient stack ({4 * k * num_params(base) / 2**20:.0f} MiB; one pass "
+        f"{ms(med(times['one read-write pass over the (I, P) stack']))} ms, "
+        f"{2 * 4 * k * num_params(base) / med(times['one read-write pass over the (I, P) stack']) / 1e9:.1f} GB/s): "
+        "the update is memory-bound; a fused update that reads the gradients once and "
+        "reads and writes the second moments once would cost about 1.5 such passes.",
+        "",
+    )
+    target = ratio(parts["update"], [a + b for a, b in zip(parts["forward"], parts["term_grads"])])
+    rep.table(
+        ["CPU target", "value", "target", "status"],
+        [
+            [
+                "update / (forward + I sequential autograd.grad)",
+                f"{100 * target:.1f}%",
+                "<= 10%",
+                "met" if target <= 0.10 else "missed",
+            ],
+            [
+                "the same, from the minima",
+                f"{100 * um / (fm + gm):.1f}%",
+                "<= 10%",
+                "met" if um / (fm + gm) <= 0.10 else "missed",
+            ],
+            [
+                "update / (forward + I raw autograd.grad, separate runs, medians)",
+                f"{100 * u / med(times['forward + I autograd.grad (no optimizer)']):.1f}%",
+                "<= 10%",
+                "",
+            ],
+            [
+                "naive step / MTAdam step (paired)",
+                f"{ratio(times['naive MTAdam (Algorithm 1 loops)'], times['lossbalance.MTAdam']):.2f}x",
+                "",
+                "",
+            ],
+        ],
+    )
+
+    mem_rows = []
+    for name, key in (
+        ("Adam", "adam"),
+        ("lossbalance.MTAdam", "mtadam"),
+        ("naive MTAdam", "naive"),
+    ):
+        elems = state_elements(opts[key])
+        peak = "n/a (CPU)"
+        if device.type == "cuda":
+            step = {"adam": adam_step, "mtadam": mtadam_step, "naive": naive_step}[key]
+            peak_memory_reset(device)
+            step()
+            peak = mib(peak_memory(device))
+        mem_rows.append([name, f"{elems:,}", f"{elems / n:.3f}", peak])
+    rep.add(
+        f"Optimizer state (tensor elements, step counters excluded; expected Adam 2|theta|, "
+        f"MTAdam (I+1)|theta| + I per tensor, naive 2I|theta| + I per tensor; I = {k}):",
+        "",
+    )
+    rep.table(["optimizer", "state elements", "x P", "peak MiB in a step"], mem_rows)
+
+    # ---------------------------------------------------------------- profiler
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(1 if args.quick else args.profile_steps):
+            instrumented_step()
+        sync()
+    events = prof.events()
+    header = ["op", "calls", "self CPU ms", "share"]
+    steps = 1 if args.quick else args.profile_steps
+    rep.add(
+        f"Profiler (torch.profiler, CPU activity, {steps} MTAdam steps): top ops by self CPU "
+        "time in the whole step:",
+        "",
+    )
+    rep.table(header, top_ops(events, None, 12, device.type))
+    rep.add("Top ops inside the update (`MTAdam._apply`, after the gradients exist):", "")
+    rep.table(header, top_ops(events, "lb::update", 12, device.type))
+    if device.type == "cuda":
+        rep.add("CUDA kernels (self device time):", "")
+        rep.add(
+            "```",
+            prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15),
+            "```",
+            "",
+        )
+    rep.write()
+
+
+if __name__ == "__main__":
+    main()
