@@ -253,3 +253,20 @@ def test_resume_reuses_finished_runs(tmp_path, capsys):
     # other settings (here the learning rate) are not mixed in
     assert main([*base, "--seeds", "2", "--resume", "--lr", "0.01"]) == 0
     assert "Resuming" not in capsys.readouterr().out
+
+
+def test_log_dir_writes_term_csv(tmp_path):
+    out, logs = tmp_path / "demo", tmp_path / "logs"
+    argv = ["demo", "--seeds", "1", "--epochs", "1", "--max-batches", "3", "--out", str(out)]
+    assert main([*argv, "--quiet", "--no-plots", "--log-dir", str(logs)]) == 0
+    files = sorted(p.name for p in logs.glob("*.csv"))
+    assert files == [
+        "Balanced-Adam-seed0.csv",
+        "Unbalanced-Adam-seed0.csv",
+        "Unbalanced-MTAdam-seed0.csv",
+    ]
+    lines = (logs / "Unbalanced-MTAdam-seed0.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[0] == "step" and sum(h.startswith("loss/") for h in header) == 10
+    assert sum(h.startswith("magnitude/") for h in header) == 10
+    assert len(lines) >= 3  # header and the traced steps

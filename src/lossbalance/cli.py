@@ -114,6 +114,11 @@ def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> N
         + ("1: the tiny model is fastest on one" if d("threads") == 1 else "torch's")
         + ")",
     )
+    g.add_argument(
+        "--log-dir",
+        type=Path,
+        help="write each run's per-term losses, weights and magnitudes to CSV files there",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument(

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,6 +76,7 @@ class TrainConfig:
         evals_per_epoch: test evaluations per epoch (evenly spaced), besides the one
             before training.
         eval_batch_size: batch size of evaluation.
+        log_dir: directory for per-run CSV logs of the trace (``None``: none).
         trace_points: about how many points of the per-term weight/magnitude trace to
             keep per run.
         grad_source: ``"params"`` (exact per-term gradients of the shared parameters) or
@@ -94,6 +97,7 @@ class TrainConfig:
     grad_source: str = "params"
     progress: bool = False
     threads: int | None = None
+    log_dir: str | None = None
 
 
 class Stepper(Protocol):
@@ -294,6 +298,7 @@ def train_run(
         {"epoch": 0.0, "step": 0, **task.evaluate(model, cfg.eval_batch_size)}
     ]
     trace: dict[str, list[Any]] = {"step": [], "losses": [], "weights": [], "magnitudes": []}
+    logger = _term_logger(cfg.log_dir, group, label or spec.label, seed)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     train_time = 0.0
     step = 0
@@ -323,6 +328,8 @@ def train_run(
                     trace["weights"].append(None if w is None else _floats(w))
                     m = stepper.magnitudes()
                     trace["magnitudes"].append(None if m is None else _floats(m))
+                    if logger is not None:
+                        logger.log(values, weights=w, magnitudes=m, step=step)
                 if evaluate:
                     metrics = task.evaluate(model, cfg.eval_batch_size)
                     history.append(
@@ -333,6 +340,8 @@ def train_run(
         _sync(device)
         train_time += time.perf_counter() - start
     bar.close()
+    if logger is not None:
+        logger.close()
     for key in ("weights", "magnitudes"):
         if all(v is None for v in trace[key]):
             trace[key] = []
@@ -353,6 +362,16 @@ def train_run(
         "skipped_steps": stepper.skipped_steps(),
         "trace": trace,
     }
+
+
+def _term_logger(log_dir: str | None, group: str | None, row: str, seed: int) -> Any:
+    """A CSV :class:`~lossbalance.TermLogger` per run under ``log_dir``, or ``None``."""
+    if log_dir is None:
+        return None
+    name = "-".join(part for part in (group, row, f"seed{seed}") if part)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return lossbalance.TermLogger(every=1, csv=Path(log_dir) / f"{name}.csv")
 
 
 def run_key(group: str | None, row: str, seed: int) -> str:
@@ -436,6 +455,8 @@ class ExperimentConfig:
         progress: show progress bars.
         threads: torch intra-op threads during the runs (restored afterwards); ``None``
             keeps torch's setting. Tiny CPU models run fastest on one thread.
+        log_dir: if set, every run writes its per-term losses, weights and magnitudes at
+            the trace points to ``log_dir/<row>-seed<N>.csv`` (:class:`~lossbalance.TermLogger`).
     """
 
     methods: list[str] | None = None
@@ -451,6 +472,7 @@ class ExperimentConfig:
     evals_per_epoch: int = 1
     progress: bool = False
     threads: int | None = None
+    log_dir: str | None = None
 
     def validate(self) -> None:
         """Check the values with torch-style messages."""
@@ -479,6 +501,7 @@ class ExperimentConfig:
             "evals_per_epoch": self.evals_per_epoch,
             "progress": self.progress,
             "threads": self.threads,
+            "log_dir": None if self.log_dir is None else str(self.log_dir),
         }
         values.update(overrides)
         return TrainConfig(**values)
