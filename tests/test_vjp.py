@@ -236,6 +236,12 @@ def test_choose_mode_picks_an_exact_mode_and_caches(device, dtype):
     assert_same(forced.grads, want)
     vjp.clear_choices()
     assert not vjp.choose_mode(forward()[1], params, repeats=1).cached
+    # a near-total margin keeps the first candidate unless another is 100x faster
+    lean = vjp.choose_mode(
+        forward()[1], params, candidates=["two_stage", "sequential"], margin=0.99, key="m"
+    )
+    assert lean.mode == "two_stage" and set(lean.times) == {"two_stage", "sequential"}
+    assert_same(lean.grads, want)
     one = vjp.choose_mode(forward()[1][:1], params)
     assert one.mode == "sequential" and one.times == {}
     assert_same(one.grads, [None if g is None else g[:1] for g in want])
@@ -283,6 +289,8 @@ def test_errors(device, dtype):
         vjp.vjp_term_grads([w.sum()], [w], "func")
     with pytest.raises(ValueError, match=r"Invalid repeats: 0 \(expected repeats >= 1\)"):
         vjp.choose_mode([w.sum()], [w], repeats=0)
+    with pytest.raises(ValueError, match=r"Invalid margin: 1.0 \(expected 0 <= margin < 1\)"):
+        vjp.choose_mode([w.sum()], [w], margin=1.0)
     with pytest.raises(ValueError, match="Invalid candidate"):
         vjp.choose_mode([w.sum()], [w], candidates=["fast"])
 

@@ -10,8 +10,9 @@ them are exact; they differ only in how the K vector-Jacobian products are sched
   top of the K stacked outputs.
 - ``"batched"``: one ``torch.autograd.grad(..., is_grads_batched=True)`` call on the
   stacked losses with the identity as cotangents: the backward graph is run once under
-  ``vmap``, so every backward kernel sees a K-times larger batch (fewer, larger kernels;
-  what wins on a GPU). Zero cotangents are pushed through every term's sub-graph.
+  ``vmap``, so every backward kernel sees a K-times larger batch (fewer, larger kernels,
+  but K activation gradients alive at once). Zero cotangents are pushed through every
+  term's sub-graph.
 - ``"two_stage"``: the per-term cotangents ``dL_i/dy`` of a shared output ``y`` (the
   logits, say) are computed first, by K cheap passes from the losses to ``y``; then ONE
   batched VJP runs from ``y`` through the network with those K cotangents. The loss part
@@ -26,7 +27,8 @@ them are exact; they differ only in how the K vector-Jacobian products are sched
 :func:`choose_mode` times the graph-based candidates on the caller's step (each once or a
 few times, interleaved, on the same retained graph), checks that they agree, and caches
 the fastest per (parameters, K, device, dtype); :func:`vjp_term_grads` runs a mode by name,
-so a user can force one.
+so a user can force one. No mode wins everywhere: on one CPU thread the sequential mode
+was fastest for a small CNN and the vectorised ones for an MLP (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "batched_term_grads",
     "choose_mode",
     "clear_choices",
+    "default_key",
     "find_shared_output",
     "func_term_grads",
     "sequential_term_grads",
@@ -349,13 +352,15 @@ def choose_mode(
     repeats: int = 2,
     key: Hashable | None = None,
     check: bool = True,
+    margin: float = 0.05,
 ) -> Choice:
     """Per-term gradients by the fastest exact mode, timed on this step and cached.
 
     On the first call for a key, each candidate runs ``repeats`` times, interleaved, on the
     same graph (kept with ``retain_graph=True``; it is freed with the caller's references to
     the losses), timed with a device synchronisation on CUDA; the minimum per candidate
-    decides. A candidate that raises (no batching rule, out of memory) is dropped, as is one
+    decides, with a preference for the first candidate (see ``margin``). A candidate that
+    raises (no batching rule, out of memory) is dropped, as is one
     whose result differs from the first candidate's beyond rounding (``check``), with a
     once-only warning. Later calls with the same key run the cached mode once. With one
     term (K = 1) nothing is timed: ``"sequential"`` is a single backward pass.
@@ -370,6 +375,9 @@ def choose_mode(
         key: cache key; default ``(ids of params, K, device, dtype)`` (pass your own to
             include e.g. the batch size, which can move the crossover).
         check: compare every candidate with the reference on the first repetition.
+        margin: another candidate must be faster than the first by this fraction to be
+            chosen (default ``0.05``): the first (``"sequential"``) holds the least memory,
+            and timings closer than that are noise.
 
     Returns:
         A :class:`Choice` with the gradients of this step.
@@ -384,6 +392,8 @@ def choose_mode(
     """
     if repeats < 1:
         raise ValueError(f"Invalid repeats: {repeats} (expected repeats >= 1)")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"Invalid margin: {margin} (expected 0 <= margin < 1)")
     if not candidates:
         raise ValueError("candidates is empty: expected at least one of " + ", ".join(VJP_MODES))
     for c in candidates:
@@ -403,9 +413,12 @@ def choose_mode(
 
     sync = _synchronizer(params)
     alive = list(dict.fromkeys(candidates))
+    first = alive[0]
     times: dict[str, float] = {}
     reference: tuple[str, list[Tensor | None]] | None = None
-    best: tuple[str, list[Tensor | None]] | None = None
+    # the latest gradients of the first candidate and of the fastest other one, so that the
+    # winner's result of this step is at hand without another run
+    latest: dict[str, list[Tensor | None]] = {}
     for rep in range(repeats):
         for mode in list(alive):
             sync()
@@ -419,6 +432,7 @@ def choose_mode(
             except (RuntimeError, NotImplementedError) as err:
                 alive.remove(mode)
                 times.pop(mode, None)
+                latest.pop(mode, None)
                 warn_once(
                     f"vjp-choose-{mode}-failed",
                     f"per-term gradient mode {mode!r} failed ({type(err).__name__}: {err}); "
@@ -438,15 +452,24 @@ def choose_mode(
                     )
                     continue
             times[mode] = min(times.get(mode, float("inf")), elapsed)
-            if best is None or best[0] == mode or times[mode] < times[best[0]]:
-                best = (mode, grads)
+            latest[mode] = grads
+            others = [m for m in latest if m != first]
+            if len(others) > 1:
+                keep = min(others, key=times.__getitem__)
+                for m in others:
+                    if m != keep:
+                        del latest[m]
             del grads
-    if best is None:
+    if not times:
         raise RuntimeError("every per-term gradient mode failed on this model")
     winner = min(times, key=times.__getitem__)
-    grads = best[1] if best[0] == winner else vjp_term_grads(items, params, winner, outputs=outputs)
+    if first in times and winner != first and times[winner] > (1.0 - margin) * times[first]:
+        winner = first  # not faster by the margin: keep the leaner first candidate
+    result = latest.get(winner)
+    if result is None:
+        result = vjp_term_grads(items, params, winner, outputs=outputs)
     _CHOICES[key] = (winner, dict(times))
-    return Choice(winner, grads, times, cached=False, key=key)
+    return Choice(winner, result, times, cached=False, key=key)
 
 
 # --------------------------------------------------------------------------- graph split
