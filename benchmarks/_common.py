@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lossbalance
+from lossbalance.experiments.models import MnistCNN as MnistCNN  # the network the CLI trains
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -101,30 +102,6 @@ def setup(args: argparse.Namespace) -> torch.device:
 
 
 # --------------------------------------------------------------------------- models
-
-
-class MnistCNN(nn.Module):
-    """The PyTorch MNIST-example CNN: conv(1,32,3)-relu-conv(32,64,3)-relu-maxpool2-
-    dropout(0.25)-fc(9216,128)-relu-dropout(0.5)-fc(128,C)-log_softmax. Input (N,1,28,28)."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = self.dropout2(x)
-        return F.log_softmax(self.fc2(x), dim=1)
 
 
 class MLP(nn.Module):
