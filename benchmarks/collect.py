@@ -19,7 +19,8 @@ ORDER = ("mtadam_step", "term_grads", "scaling", "balancers")
 def key(path: Path) -> tuple[int, int, str]:
     stem = path.stem
     name, _, device = stem.rpartition("_")
-    rank = ORDER.index(name) if name in ORDER else len(ORDER)
+    base = name.split("-")[0]  # term_grads-encoder sorts with term_grads
+    rank = ORDER.index(base) if base in ORDER else len(ORDER)
     return (0 if device.startswith("cpu") else 1, rank, stem)
 
 
