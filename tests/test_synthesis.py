@@ -341,10 +341,18 @@ def test_pix2pix_ablation_rows(tmp_path, capsys, fashion_args):
 
 def test_srgan_end_to_end(tmp_path, capsys, fashion_args):
     out = tmp_path / "sr"
+    logs = tmp_path / "logs"
     argv = ["srgan", *fashion_args, "--methods", "balanced-adam", "rmsprop", "mtadam"]
-    argv += ["--width", "8", "--blocks", "1", *_TINY, "--out", str(out)]
+    argv += ["--width", "8", "--blocks", "1", *_TINY, "--out", str(out), "--log-dir", str(logs)]
     assert main(argv) == 0
     capsys.readouterr()
+    assert sorted(p.name for p in logs.glob("*.csv")) == [
+        "Balanced-Adam-seed0.csv",
+        "Unbalanced-MTAdam-seed0.csv",
+        "Unbalanced-RMSProp-seed0.csv",
+    ]
+    header = (logs / "Unbalanced-MTAdam-seed0.csv").read_text().splitlines()[0].split(",")
+    assert sum(h.startswith("magnitude/") for h in header) == 3
     rows = ["Balanced-Adam", "Unbalanced-RMSProp", "Unbalanced-MTAdam"]
     results = _check(out, rows, "lossbalance " + " ".join(argv), "psnr")
     runs = {r["row"]: r for r in results["runs"]}

@@ -44,6 +44,7 @@ from lossbalance.experiments.harness import (
     _MultiTermOptimizerStepper,
     _SumStepper,
     _sync,
+    _term_logger,
     run_key,
     seed_everything,
 )
@@ -307,6 +308,7 @@ def train_gan_run(
         "magnitudes": [],
         "d_loss": [],
     }
+    logger = _term_logger(cfg.log_dir, group, label or spec.label, seed)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     # running sums of the unweighted terms and of the discriminator loss, read at evaluations
     running = torch.zeros(num_terms + 1, dtype=torch.float64, device=device)
@@ -353,6 +355,8 @@ def train_gan_run(
                     trace["weights"].append(None if w is None else _floats(w))
                     m = stepper.magnitudes()
                     trace["magnitudes"].append(None if m is None else _floats(m))
+                    if logger is not None:
+                        logger.log(values, weights=w, magnitudes=m, step=step)
                 if evaluate:
                     means = _floats(running / max(1, running_steps))
                     running.zero_()
@@ -373,6 +377,8 @@ def train_gan_run(
         _sync(device)
         train_time += time.perf_counter() - start
     bar.close()
+    if logger is not None:
+        logger.close()
     for key in ("weights", "magnitudes"):
         if all(v is None for v in trace[key]):
             trace[key] = []
