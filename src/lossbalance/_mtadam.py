@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lossbalance._distributed import all_reduce_mean, resolve_group
 from lossbalance._engine import GRAD_MODES, term_grads
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import (
@@ -473,7 +474,7 @@ class MTAdam(Optimizer):
     def _apply(self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None) -> Tensor | None:
         self._flush_pending()
         num = self.num_terms
-        group = self._dist_group()
+        group = resolve_group(self.process_group)
         if group is not None and num is not None:
             stacked, loss_vec = self._all_reduce(stacked, loss_vec, num, group)
         if not stacked:
@@ -527,16 +528,6 @@ class MTAdam(Optimizer):
         self._record_finite(finite, masked)
         return finite
 
-    def _dist_group(self) -> Any:
-        if self.process_group is None:
-            return None
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return None
-        group = None if self.process_group == "auto" else self.process_group
-        if torch.distributed.get_world_size(group) <= 1:
-            return None
-        return torch.distributed.group.WORLD if group is None else group
-
     def _all_reduce(
         self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None, num: int, group: Any
     ) -> tuple[dict[Tensor, Tensor], Tensor]:
@@ -547,28 +538,16 @@ class MTAdam(Optimizer):
         rank through the sum, so all ranks skip that step together.
         """
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        dev = params[0].device
-        parts = []
-        for p in params:
-            g = stacked.get(p)
-            if g is None:
-                g = torch.zeros((num, *p.shape), dtype=_state_dtype(p), device=p.device)
-            parts.append(
-                g.to(dev, torch.float64 if p.dtype == torch.float64 else torch.float32).reshape(-1)
-            )
+        grads = [
+            stacked[p].to(_state_dtype(p))
+            if p in stacked
+            else torch.zeros((num, *p.shape), dtype=_state_dtype(p), device=p.device)
+            for p in params
+        ]
         if loss_vec is None:
-            loss_vec = torch.zeros(num, device=dev)
-        dt = torch.float64 if any(x.dtype == torch.float64 for x in parts) else torch.float32
-        flat = torch.cat([x.to(dt) for x in parts] + [loss_vec.to(dev, dt).reshape(-1)])
-        torch.distributed.all_reduce(flat, group=group)
-        flat.div_(torch.distributed.get_world_size(group))
-        out: dict[Tensor, Tensor] = {}
-        offset = 0
-        for p in params:
-            n = num * p.numel()
-            out[p] = flat[offset : offset + n].view(num, *p.shape).to(p.device, _state_dtype(p))
-            offset += n
-        return out, flat[offset:]
+            loss_vec = torch.zeros(num, device=params[0].device)
+        *averaged, losses = all_reduce_mean([*grads, loss_vec], group)
+        return dict(zip(params, averaged, strict=True)), losses
 
     def _layer_index(self, params: list[Tensor], home: torch.device) -> Tensor | None:
         """Layer id of each parameter (cached), or None when each tensor is a layer."""
