@@ -55,7 +55,11 @@ def worker(rank: int, world: int, out: str, scenario: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     model = train(rank, world, scenario)
     torch.save([p.detach() for p in model.parameters()], f"{out}/rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()
+    # gloo's threads can abort interpreter teardown ("terminate called without an active
+    # exception", a torch issue): the results are saved, so leave without it
+    os._exit(0)
 
 
 if __name__ == "__main__":
