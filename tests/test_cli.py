@@ -270,3 +270,43 @@ def test_log_dir_writes_term_csv(tmp_path):
     assert header[0] == "step" and sum(h.startswith("loss/") for h in header) == 10
     assert sum(h.startswith("magnitude/") for h in header) == 10
     assert len(lines) >= 3  # header and the traced steps
+
+
+def _metrics_by_run(out: Path) -> dict:
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    return {(r["group"], r["row"], r["seed"]): (r["final"], r["history"]) for r in runs}
+
+
+def test_jobs_train_the_same_runs_in_parallel(tmp_path, capsys, mnist_args):
+    # --jobs 2: each (method, seed) in a spawned process; every metric equals the
+    # one-process command, the run order and the report are the same.
+    base = [
+        "multimnist", *mnist_args, "--methods", "adam", "mtadam", "--seeds", "2",
+        "--epochs", "1", "--batch-size", "16", "--max-batches", "2", "--train-limit", "64",
+        "--test-limit", "32", "--quiet", "--no-plots", "--threads", "1",
+    ]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = _metrics_by_run(tmp_path / "one"), _metrics_by_run(tmp_path / "two")
+    assert list(one) == list(two)
+    for key in one:
+        assert one[key] == two[key], key
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["config"]["jobs"] == 2
+    assert (
+        results["fingerprint"]
+        == json.loads((tmp_path / "one" / "results.json").read_text())["fingerprint"]
+    )
+    assert "--jobs 2" in (tmp_path / "two" / "results.md").read_text()
+    assert not (tmp_path / "two" / "runs.jsonl").exists()
+
+    # a resumed parallel command reuses every finished run and trains nothing
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "two"), "--jobs", "2", "--resume"]) == 0
+    assert "Resuming: 8 run(s)" in capsys.readouterr().out
+    assert _metrics_by_run(tmp_path / "two") == two
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--jobs", "0", "--out", str(tmp_path)])

@@ -54,6 +54,7 @@ __all__ = [
     "UNBALANCED_WEIGHTS",
     "CycleGanConfig",
     "UnpairedTranslationTask",
+    "method_names",
     "run",
 ]
 
@@ -81,6 +82,7 @@ class CycleGanConfig(GanConfig):
     """
 
     num_terms: ClassVar[int] = 6
+    classifier_datasets: ClassVar[tuple[str, ...]] = ("mnist", "fashion-mnist")
 
     seeds: int = 3
     epochs: int = 2
@@ -263,6 +265,11 @@ class UnpairedTranslationTask:
         return [("input: MNIST | Fashion", encode_images(np.concatenate([a, b])))]
 
 
+def method_names(cfg: CycleGanConfig) -> list[str]:
+    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
+    return expand_methods(cfg.methods, list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS)
+
+
 def run(
     cfg: CycleGanConfig,
     *,
@@ -272,8 +279,7 @@ def run(
     """Run the CycleGAN experiment; raises ``DatasetNotFoundError`` without the data."""
     cfg.validate()
     weights = cfg.weights(BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
-    default = list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS
-    specs = resolve_methods(expand_methods(cfg.methods, default), weighted=True)
+    specs = resolve_methods(method_names(cfg), weighted=True)
     train_cfg = cfg.gan_train_config()
     full = {}
     for name in ("mnist", "fashion-mnist"):

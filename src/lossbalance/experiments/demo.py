@@ -23,7 +23,7 @@ from lossbalance.experiments.models import DigitsMLP
 from lossbalance.experiments.report import ExperimentResult
 from lossbalance.experiments.tasks import ClassTermsTask
 
-__all__ = ["DEFAULT_METHODS", "DemoConfig", "run"]
+__all__ = ["DEFAULT_METHODS", "DemoConfig", "method_names", "run"]
 
 DEFAULT_METHODS = ["balanced-adam", "adam", "mtadam"]
 
@@ -49,6 +49,11 @@ class DemoConfig(ExperimentConfig):
     ablation: bool = False
 
 
+def method_names(cfg: DemoConfig) -> list[str]:
+    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
+    return expand_methods(cfg.methods, list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS)
+
+
 def run(
     cfg: DemoConfig,
     *,
@@ -57,8 +62,7 @@ def run(
 ) -> ExperimentResult:
     """Run the demo and return its results (nothing is written)."""
     cfg.validate()
-    default = list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS
-    specs = resolve_methods(expand_methods(cfg.methods, default), weighted=True)
+    specs = resolve_methods(method_names(cfg), weighted=True)
     data = load_digits_data().limit(cfg.train_limit, cfg.test_limit)
     task = ClassTermsTask(
         "digits",

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 import lossbalance
 from lossbalance._registry import get_method
-from lossbalance.experiments.data import ClassificationData
+from lossbalance.experiments.data import ClassificationData, load_idx_dataset
 from lossbalance.experiments.harness import (
     ExperimentConfig,
     Stepper,
@@ -45,6 +45,7 @@ from lossbalance.experiments.harness import (
     _SumStepper,
     _sync,
     _term_logger,
+    resolve_device,
     run_key,
     seed_everything,
 )
@@ -55,6 +56,7 @@ from lossbalance.experiments.report import (
     format_mean_std,
     markdown_table,
     summarize,
+    timing_note,
 )
 from lossbalance.experiments.synthesis import (
     ClassifierConfig,
@@ -193,6 +195,19 @@ class GanConfig(ExperimentConfig):
         """The :class:`GanTrainConfig` of these settings (device resolved)."""
         base = self.train_config()
         return GanTrainConfig(**vars(base), beta1=self.beta1, d_lr=self.d_lr)
+
+    #: datasets whose feature classifier the experiment uses
+    classifier_datasets: ClassVar[tuple[str, ...]] = ("fashion-mnist",)
+
+    def prepare(self) -> None:
+        """Train and cache every feature classifier the experiment uses, so that parallel
+        runs (``--jobs``) all load the same cached file instead of each training one."""
+        device = resolve_device(self.device)
+        for dataset in self.classifier_datasets:
+            full = load_idx_dataset(
+                dataset, Path(self.data_dir), download=self.download, verify=self.verify
+            )
+            self.feature_classifier(full, device, dataset)
 
     def feature_classifier(
         self, data: ClassificationData, device: torch.device, dataset: str = "fashion-mnist"
@@ -509,6 +524,7 @@ def gan_result(
         "of the final test metrics. ms / iter: one discriminator and one generator step, "
         "evaluation excluded."
     )
+    body += [f"- {note}" for note in timing_note(config)]
     classifiers = {r.get("classifier") for r in runs}
     if len(classifiers) > 1:
         body.append(

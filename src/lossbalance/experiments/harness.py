@@ -457,6 +457,9 @@ class ExperimentConfig:
             keeps torch's setting. Tiny CPU models run fastest on one thread.
         log_dir: if set, every run writes its per-term losses, weights and magnitudes at
             the trace points to ``log_dir/<row>-seed<N>.csv`` (:class:`~lossbalance.TermLogger`).
+        jobs: runs trained at once in separate processes by the command line
+            (:func:`lossbalance.experiments.parallel.run_parallel`); recorded so that the
+            report can say that its times per iteration were measured side by side.
     """
 
     methods: list[str] | None = None
@@ -473,10 +476,11 @@ class ExperimentConfig:
     progress: bool = False
     threads: int | None = None
     log_dir: str | None = None
+    jobs: int = 1
 
     def validate(self) -> None:
         """Check the values with torch-style messages."""
-        for name in ("seeds", "epochs", "batch_size", "evals_per_epoch"):
+        for name in ("seeds", "epochs", "batch_size", "evals_per_epoch", "jobs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")

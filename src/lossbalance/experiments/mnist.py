@@ -41,10 +41,18 @@ from lossbalance.experiments.report import (
     format_mean_std,
     markdown_table,
     summarize,
+    timing_note,
 )
 from lossbalance.experiments.tasks import ClassTermsTask
 
-__all__ = ["PAPER_TABLE1", "MnistConfig", "class_terms_result", "default_methods", "run"]
+__all__ = [
+    "PAPER_TABLE1",
+    "MnistConfig",
+    "class_terms_result",
+    "default_methods",
+    "method_names",
+    "run",
+]
 
 #: test accuracy (%) reported in the MTAdam paper's Table 1 (100 runs each)
 PAPER_TABLE1: dict[str, str] = {
@@ -170,6 +178,7 @@ def class_terms_result(
         f"- Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)} per row); mean ± sample std (ddof = 1) "
         "of the final test accuracy. ms / iter: training time per step, evaluation excluded."
     )
+    body += [f"- {note}" for note in timing_note(config)]
     for row, count in diverged.items():
         if count:
             body.append(
@@ -192,6 +201,11 @@ def class_terms_result(
     )
 
 
+def method_names(cfg: MnistConfig) -> list[str]:
+    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
+    return expand_methods(cfg.methods, default_methods(cfg.ablation))
+
+
 def run(
     cfg: MnistConfig,
     *,
@@ -200,9 +214,7 @@ def run(
 ) -> ExperimentResult:
     """Run the MNIST experiment; raises ``DatasetNotFoundError`` without the data."""
     cfg.validate()
-    specs = resolve_methods(
-        expand_methods(cfg.methods, default_methods(cfg.ablation)), weighted=True
-    )
+    specs = resolve_methods(method_names(cfg), weighted=True)
     data = load_idx_dataset(
         cfg.dataset, Path(cfg.data_dir), download=cfg.download, verify=cfg.verify
     )

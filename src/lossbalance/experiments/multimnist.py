@@ -26,10 +26,11 @@ from lossbalance.experiments.report import (
     format_mean_std,
     markdown_table,
     summarize,
+    timing_note,
 )
 from lossbalance.experiments.tasks import MultiMnistTask
 
-__all__ = ["TASKS", "MultiMnistConfig", "build_data", "default_methods", "run"]
+__all__ = ["TASKS", "MultiMnistConfig", "build_data", "default_methods", "method_names", "run"]
 
 TASKS = ("left", "right", "recon")
 _TASK_METRIC = {"left": "left_accuracy", "right": "right_accuracy", "recon": "recon_l1"}
@@ -97,6 +98,11 @@ def _group_name(cfg: MultiMnistConfig) -> str:
     return f"{cfg.scale_task} x{cfg.scale:g}"
 
 
+def method_names(cfg: MultiMnistConfig) -> list[str]:
+    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
+    return expand_methods(cfg.methods, default_methods(), weighted=False)
+
+
 def run(
     cfg: MultiMnistConfig,
     *,
@@ -105,9 +111,7 @@ def run(
 ) -> ExperimentResult:
     """Run both column groups for every method and seed."""
     cfg.validate()
-    specs = resolve_methods(
-        expand_methods(cfg.methods, default_methods(), weighted=False), weighted=False
-    )
+    specs = resolve_methods(method_names(cfg), weighted=False)
     data = build_data(cfg)
     scales = [1.0, 1.0, 1.0]
     scales[TASKS.index(cfg.scale_task)] = cfg.scale
@@ -189,6 +193,7 @@ def run(
         f"- Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)} per row); mean ± sample std. "
         "ms / iter: training time per step, evaluation excluded, averaged over both groups.",
     ]
+    body += [f"- {note}" for note in timing_note(config)]
     return ExperimentResult(
         name="multimnist",
         title="MultiMNIST, three tasks, original and rescaled losses (IMTL paper, Table 1 protocol)",

@@ -33,6 +33,7 @@ __all__ = [
     "plot_samples",
     "plot_traces",
     "summarize",
+    "timing_note",
     "to_jsonable",
     "write_json",
     "write_report",
@@ -155,6 +156,18 @@ def format_mean_std(stats: Mapping[str, Any], digits: int = 2) -> str:
     if std is None or not math.isfinite(std) or stats.get("n", 0) < 2:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def timing_note(config: Mapping[str, Any]) -> list[str]:
+    """A table note when the runs were trained several at once (``--jobs``)."""
+    jobs = int(config.get("jobs", 1) or 1)
+    if jobs <= 1:
+        return []
+    return [
+        f"Times per iteration were measured with up to {jobs} runs training at once on the "
+        f"same device (--jobs {jobs}): they compare the rows only roughly. The scripts in "
+        "benchmarks/ time the methods alone."
+    ]
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -341,7 +354,15 @@ def plot_samples(result: ExperimentResult, path: str | Path) -> Path | None:
 
 CHECKPOINT = "runs.jsonl"
 # settings that do not change a run's result: a resumed experiment may differ in them
-_NOT_FINGERPRINTED = ("methods", "seeds", "first_seed", "progress", "threads", "ablation")
+_NOT_FINGERPRINTED = (
+    "methods",
+    "seeds",
+    "first_seed",
+    "progress",
+    "threads",
+    "ablation",
+    "jobs",
+)
 
 
 def config_fingerprint(config: Any) -> str:

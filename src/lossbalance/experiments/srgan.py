@@ -54,6 +54,7 @@ __all__ = [
     "UNBALANCED_WEIGHTS",
     "SrganConfig",
     "SuperResolutionTask",
+    "method_names",
     "run",
 ]
 
@@ -215,6 +216,11 @@ class SuperResolutionTask:
         ]
 
 
+def method_names(cfg: SrganConfig) -> list[str]:
+    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
+    return expand_methods(cfg.methods, list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS)
+
+
 def run(
     cfg: SrganConfig,
     *,
@@ -224,8 +230,7 @@ def run(
     """Run the SRGAN experiment; raises ``DatasetNotFoundError`` without the data."""
     cfg.validate()
     weights = cfg.weights(BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
-    default = list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS
-    specs = resolve_methods(expand_methods(cfg.methods, default), weighted=True)
+    specs = resolve_methods(method_names(cfg), weighted=True)
     train_cfg = cfg.gan_train_config()
     full = load_idx_dataset(
         "fashion-mnist", Path(cfg.data_dir), download=cfg.download, verify=cfg.verify
