@@ -14,7 +14,7 @@ set -u
 limit=$1
 shift
 data=${DATA:-runs/data}
-common=(--device cuda --data-dir "$data" --no-download --quiet --resume)
+common=(--device cuda --data-dir "$data" --no-download --quiet --resume --threads 1)
 mkdir -p results/logs
 for item in "$@"; do
     name=${item%%:*}
