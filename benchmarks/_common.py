@@ -7,6 +7,7 @@ Not part of the library. Every benchmark script imports this module from its own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import random
@@ -15,7 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -325,7 +327,10 @@ def machine(device: torch.device) -> list[str]:
         props = torch.cuda.get_device_properties(device)
         lines.append(
             f"- GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA "
-            f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+            f"{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, TF32 matmul "
+            f"{torch.backends.cuda.matmul.allow_tf32}, TF32 cuDNN "
+            f"{torch.backends.cudnn.allow_tf32}, cuDNN benchmark "
+            f"{torch.backends.cudnn.benchmark}"
         )
     lines.append(
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
@@ -375,21 +380,63 @@ def _git_rev() -> str:
 
 
 class Report:
-    """Collects Markdown lines, echoes them to stdout, writes the results file."""
+    """Collects Markdown lines, echoes them to stdout, writes the results file.
+
+    The file is rewritten after every addition, so that a run that is killed (a time
+    limit, a crashed GPU) leaves the sections it finished.
+    """
 
     def __init__(self, name: str, title: str, args: argparse.Namespace, device: torch.device):
         self.name = name
         self.args = args
         self.device = device
+        self.path = self._target()
         self.lines: list[str] = [f"## {title} ({device.type})", ""]
         self.lines += [f"- command: `{command()}`", *machine(device), ""]
         for line in self.lines:
             print(line)
+        self._flush()
+
+    def _target(self) -> Path | None:
+        if self.args.out == "-":
+            return None
+        if self.args.out:
+            return Path(self.args.out)
+        tag = self.device.type
+        if self.args.threads:
+            tag += f"-t{self.args.threads}"
+        if getattr(self.args, "clock", "wall") == "cpu":
+            tag += "-cputime"
+        suffix = "_quick" if self.args.quick else ""
+        return RESULTS_DIR / f"{self.name}_{tag}{suffix}.md"
+
+    def _flush(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("\n".join(self.lines).rstrip() + "\n")
 
     def add(self, *lines: str) -> None:
         for line in lines:
-            print(line)
+            print(line, flush=True)
             self.lines.append(line)
+        self._flush()
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Run one section; if it raises, record the error in the report and go on, so
+        that one failing section (a CUDA graph capture, out of memory) loses no other."""
+        try:
+            yield
+        except Exception as err:  # any failure of a section is reported, then the next runs
+            traceback.print_exc()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.add(f"- **{what} failed**: `{type(err).__name__}: {first[:300]}`", "")
+            if self.device.type == "cuda":
+                try:
+                    torch.cuda.synchronize(self.device)
+                    torch.cuda.empty_cache()
+                except RuntimeError:
+                    traceback.print_exc()
 
     def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         self.add(
@@ -401,18 +448,6 @@ class Report:
 
     def write(self) -> Path | None:
         self.add(f"- load average at end: {_load()}", "")
-        if self.args.out == "-":
-            return None
-        tag = self.device.type
-        if self.args.threads:
-            tag += f"-t{self.args.threads}"
-        if getattr(self.args, "clock", "wall") == "cpu":
-            tag += "-cputime"
-        suffix = "_quick" if self.args.quick else ""
-        path = (
-            Path(self.args.out) if self.args.out else RESULTS_DIR / f"{self.name}_{tag}{suffix}.md"
-        )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(self.lines).rstrip() + "\n")
-        print(f"wrote {path}")
-        return path
+        if self.path is not None:
+            print(f"wrote {self.path}")
+        return self.path

@@ -23,6 +23,7 @@ Run: ``python benchmarks/bench_balancers.py [--device cuda] [--repeats 10]``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
 from collections.abc import Callable
@@ -127,76 +128,77 @@ def main() -> None:
         builder = make(k, batch, device)
         for mode in MODES:
             fns[(k, mode)] = builder(mode)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        times = interleaved(
-            {f"{k}/{m}": f for (k, m), f in fns.items()},
-            repeats,
-            0 if args.quick else args.warmup,
-            device,
+    with rep.guard("engine modes"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            times = interleaved(
+                {f"{k}/{m}": f for (k, m), f in fns.items()},
+                repeats,
+                0 if args.quick else args.warmup,
+                device,
+            )
+        memory: dict[tuple[int, str], str] = {}
+        for (k, mode), f in fns.items():
+            if device.type == "cuda":
+                f()
+                base = peak_memory_reset(device)
+                f()
+                memory[(k, mode)] = mib((peak_memory(device) or 0) - base)
+            else:
+                line = run_child(
+                    "bench_balancers.py",
+                    [
+                        "--child",
+                        mode,
+                        "--k",
+                        str(k),
+                        "--batch",
+                        str(batch),
+                        "--device",
+                        args.device,
+                        *(["--threads", str(args.threads)] if args.threads else []),
+                    ],
+                )
+                memory[(k, mode)] = mib(json.loads(line)["rss_delta"])
+        rep.add(
+            f"Shared trunk 3 x 512 ({trunk_params:,} shared parameters), K heads 512 -> 1, batch "
+            f"{batch}, float32; balancer IMTL-G. {repeats} interleaved repetitions (all "
+            "configurations in one loop), ms as median [min-max]; 'x sum' is the median of the "
+            "per-round ratios to forward + sum(losses).backward() at the same K.",
+            "",
         )
-    memory: dict[tuple[int, str], str] = {}
-    for (k, mode), f in fns.items():
-        if device.type == "cuda":
-            f()
-            base = peak_memory_reset(device)
-            f()
-            memory[(k, mode)] = mib((peak_memory(device) or 0) - base)
-        else:
-            line = run_child(
-                "bench_balancers.py",
-                [
-                    "--child",
-                    mode,
-                    "--k",
-                    str(k),
-                    "--batch",
-                    str(batch),
-                    "--device",
-                    args.device,
-                    *(["--threads", str(args.threads)] if args.threads else []),
-                ],
-            )
-            memory[(k, mode)] = mib(json.loads(line)["rss_delta"])
-    rep.add(
-        f"Shared trunk 3 x 512 ({trunk_params:,} shared parameters), K heads 512 -> 1, batch "
-        f"{batch}, float32; balancer IMTL-G. {repeats} interleaved repetitions (all "
-        "configurations in one loop), ms as median [min-max]; 'x sum' is the median of the "
-        "per-round ratios to forward + sum(losses).backward() at the same K.",
-        "",
-    )
-    rows = []
-    for k in ks:
-        unit = times[f"{k}/sum backward"]
-        for mode in MODES:
-            ts = times[f"{k}/{mode}"]
-            copies = k if mode in ("exact", "batched") else (1 if mode == "gramian" else 0)
-            rows.append(
-                [
-                    str(k),
-                    mode,
-                    spread(ts),
-                    f"{ratio(ts, unit):.2f}",
-                    memory[(k, mode)],
-                    mib(4 * trunk_params * copies) if mode != "sum backward" else "",
-                ]
-            )
-    rep.table(
-        ["K", "mode", "ms", "x sum", "peak MiB", "trunk-gradient copies MiB (analytic)"], rows
-    )
-    growth = {mode: ratio(times[f"{ks[-1]}/{mode}"], times[f"{ks[0]}/{mode}"]) for mode in MODES}
-    rep.add(
-        f"Time at K = {ks[-1]} over time at K = {ks[0]} (paired): "
-        + ", ".join(f"{mode} x{g:.2f}" for mode, g in growth.items())
-        + ".",
-        "",
-    )
+        rows = []
+        for k in ks:
+            unit = times[f"{k}/sum backward"]
+            for mode in MODES:
+                ts = times[f"{k}/{mode}"]
+                copies = k if mode in ("exact", "batched") else (1 if mode == "gramian" else 0)
+                rows.append(
+                    [
+                        str(k),
+                        mode,
+                        spread(ts),
+                        f"{ratio(ts, unit):.2f}",
+                        memory[(k, mode)],
+                        mib(4 * trunk_params * copies) if mode != "sum backward" else "",
+                    ]
+                )
+        rep.table(
+            ["K", "mode", "ms", "x sum", "peak MiB", "trunk-gradient copies MiB (analytic)"], rows
+        )
+        growth = {
+            mode: ratio(times[f"{ks[-1]}/{mode}"], times[f"{ks[0]}/{mode}"]) for mode in MODES
+        }
+        rep.add(
+            f"Time at K = {ks[-1]} over time at K = {ks[0]} (paired): "
+            + ", ".join(f"{mode} x{g:.2f}" for mode, g in growth.items())
+            + ".",
+            "",
+        )
     rep.write()
 
 
 def argparse_hidden() -> str:
-    import argparse
-
     return argparse.SUPPRESS
 
 

@@ -51,6 +51,13 @@ import lossbalance
 import lossbalance._mtadam as mtadam_module
 
 
+def auto_choice(params: list[Tensor], k: int) -> str:
+    """What ``term_grads(mode="auto")`` chose for these parameters and I."""
+    from lossbalance import _engine, _vjp
+
+    return _vjp.cached_choice(_engine.auto_key(params, k)) or "sequential (I = 1)"
+
+
 def fit_slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares ``y = a + s x``; returns ``(a, s)``."""
     n = len(xs)
@@ -179,6 +186,7 @@ def run_model(
                 ms(med(parts["term_grads"])),
                 ms(med(parts["update"])),
                 f"{med(parts['term_grads']) / t_b:.2f}",
+                auto_choice(list(configs[k]["model"].parameters()), k),
                 mib(analytic),
                 peak,
             ]
@@ -206,6 +214,7 @@ def run_model(
             "per-term grads ms",
             "update ms",
             "grads / T_b",
+            "grad mode (auto)",
             "params+state+grads MiB (analytic)",
             "peak MiB (measured)",
         ],
@@ -248,6 +257,7 @@ def main() -> None:
     enc_batch = args.encoder_batch or (32 if device.type == "cuda" else 8)
     summary: list[list[str]] = []
     for name in args.models.split(","):
+        res: dict[str, Any] | None = None
         if name == "cnn":
             batch, seq, label = (8 if args.quick else args.cnn_batch), 0, "MNIST CNN"
         elif name == "encoder":
@@ -256,7 +266,10 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown model {name!r} (expected cnn, encoder)")
         reps = repeats if name == "cnn" or args.quick else min(repeats, args.encoder_repeats)
-        res = run_model(rep, name, label, device, batch, seq, terms, reps, warmup)
+        with rep.guard(label):
+            res = run_model(rep, name, label, device, batch, seq, terms, reps, warmup)
+        if res is None:
+            continue
         summary.append(
             [
                 label,

@@ -26,6 +26,7 @@ Run: ``python benchmarks/bench_term_grads.py [--device cuda] [--repeats 10]``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import warnings
@@ -202,6 +203,98 @@ def child(args) -> None:
     print(json.dumps({"rss_delta": rss_peak() - base, "alive": result is not None}))
 
 
+def run_model(
+    rep: Report,
+    args: argparse.Namespace,
+    model_name: str,
+    device: torch.device,
+    batch: int,
+    k: int,
+    repeats: int,
+) -> None:
+    w = workload(model_name, device, batch, k)
+    n = num_params(w.model)
+    # float64 where it is cheap; the 25M encoder's K copies are checked in float32
+    check_dtype = torch.float32 if model_name == "encoder" else torch.float64
+    err, fallbacks = check(w, check_dtype)
+    tol = 1e-9 if check_dtype == torch.float64 else 1e-4
+    assert err < tol, f"a variant disagrees with the sequential reference ({err})"
+    fns = {name: variant_fn(name, w) for name in VARIANTS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        times = interleaved(fns, repeats, 0 if args.quick else args.warmup, device)
+    memory: dict[str, str] = {}
+    for name in VARIANTS:
+        if device.type == "cuda":
+            base = peak_memory_reset(device)
+            out = fns[name]()
+            memory[name] = mib((peak_memory(device) or 0) - base)
+            del out
+        else:
+            line = run_child(
+                "bench_term_grads.py",
+                [
+                    "--child",
+                    name,
+                    "--model",
+                    model_name,
+                    "--batch",
+                    str(batch),
+                    "--terms",
+                    str(k),
+                    "--device",
+                    args.device,
+                    *(["--threads", str(args.threads)] if args.threads else []),
+                ],
+            )
+            memory[name] = mib(json.loads(line)["rss_delta"])
+    choice = _vjp.choose_mode(w.forward()[1], list(w.model.parameters()), repeats=2)
+    unit = times["one backward"]
+    seq = times["sequential"]
+    rows = [
+        [
+            name,
+            spread(ts),
+            f"{ratio(ts, unit):.2f}",
+            f"{ratio(ts, seq):.2f}",
+            f"{min(ts) / min(seq):.2f}",
+            memory[name],
+            mib(4 * n * (1 if name == "one backward" else k)),
+        ]
+        for name, ts in times.items()
+    ]
+    rep.add(
+        f"### {model_name}: |theta| = {n:,}, input {tuple(w.x.shape)}, K = {k}",
+        "",
+        f"All variants equal the sequential reference in {str(check_dtype)[6:]} (max "
+        f"deviation relative to the largest entry, per parameter: {err:.1e}). "
+        + (
+            "Ops without a vmap batching rule (run by vmap's slow fallback loop in the "
+            f"batched variants): {', '.join(f'`{op}`' for op in fallbacks)}."
+            if fallbacks
+            else "Every op had a vmap batching rule."
+        ),
+        "",
+    )
+    rep.table(
+        [
+            "variant",
+            "ms",
+            "x 1 bwd",
+            "x sequential",
+            "x sequential (min)",
+            "peak MiB",
+            "output MiB (analytic)",
+        ],
+        rows,
+    )
+    rep.add(
+        f"`_vjp.choose_mode` on this model picks **{choice.mode}** "
+        f"(timed: {', '.join(f'{m} {1e3 * t:.1f} ms' for m, t in choice.times.items())}).",
+        "",
+    )
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
@@ -237,93 +330,12 @@ def main() -> None:
         "",
     )
     for model_name in args.models.split(","):
-        w = workload(model_name, device, batch, k)
-        n = num_params(w.model)
-        # float64 where it is cheap; the 25M encoder's K copies are checked in float32
-        check_dtype = torch.float32 if model_name == "encoder" else torch.float64
-        err, fallbacks = check(w, check_dtype)
-        tol = 1e-9 if check_dtype == torch.float64 else 1e-4
-        assert err < tol, f"a variant disagrees with the sequential reference ({err})"
-        fns = {name: variant_fn(name, w) for name in VARIANTS}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            times = interleaved(fns, repeats, 0 if args.quick else args.warmup, device)
-        memory: dict[str, str] = {}
-        for name in VARIANTS:
-            if device.type == "cuda":
-                base = peak_memory_reset(device)
-                out = fns[name]()
-                memory[name] = mib((peak_memory(device) or 0) - base)
-                del out
-            else:
-                line = run_child(
-                    "bench_term_grads.py",
-                    [
-                        "--child",
-                        name,
-                        "--model",
-                        model_name,
-                        "--batch",
-                        str(batch),
-                        "--terms",
-                        str(k),
-                        "--device",
-                        args.device,
-                        *(["--threads", str(args.threads)] if args.threads else []),
-                    ],
-                )
-                memory[name] = mib(json.loads(line)["rss_delta"])
-        choice = _vjp.choose_mode(w.forward()[1], list(w.model.parameters()), repeats=2)
-        unit = times["one backward"]
-        seq = times["sequential"]
-        rows = [
-            [
-                name,
-                spread(ts),
-                f"{ratio(ts, unit):.2f}",
-                f"{ratio(ts, seq):.2f}",
-                f"{min(ts) / min(seq):.2f}",
-                memory[name],
-                mib(4 * n * (1 if name == "one backward" else k)),
-            ]
-            for name, ts in times.items()
-        ]
-        rep.add(
-            f"### {model_name}: |theta| = {n:,}, input {tuple(w.x.shape)}, K = {k}",
-            "",
-            f"All variants equal the sequential reference in {str(check_dtype)[6:]} (max "
-            f"deviation relative to the largest entry, per parameter: {err:.1e}). "
-            + (
-                "Ops without a vmap batching rule (run by vmap's slow fallback loop in the "
-                f"batched variants): {', '.join(f'`{op}`' for op in fallbacks)}."
-                if fallbacks
-                else "Every op had a vmap batching rule."
-            ),
-            "",
-        )
-        rep.table(
-            [
-                "variant",
-                "ms",
-                "x 1 bwd",
-                "x sequential",
-                "x sequential (min)",
-                "peak MiB",
-                "output MiB (analytic)",
-            ],
-            rows,
-        )
-        rep.add(
-            f"`_vjp.choose_mode` on this model picks **{choice.mode}** "
-            f"(timed: {', '.join(f'{m} {1e3 * t:.1f} ms' for m, t in choice.times.items())}).",
-            "",
-        )
+        with rep.guard(f"model {model_name}"):
+            run_model(rep, args, model_name, device, batch, k, repeats)
     rep.write()
 
 
 def argparse_hidden() -> str:
-    import argparse
-
     return argparse.SUPPRESS
 
 

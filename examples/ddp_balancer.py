@@ -52,7 +52,9 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="autocast + GradScaler")
     args = parser.parse_args()
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # NCCL needs one GPU per process on this node; otherwise (CPU, or fewer GPUs) gloo
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    backend = "nccl" if torch.cuda.device_count() >= local_world else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":

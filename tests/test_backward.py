@@ -277,6 +277,7 @@ def test_backward_passes_per_head_and_trunk(mode, head_passes, trunk_passes, kin
         )
         losses.append(loss)
     balancer = FixedAlpha(3, [1.0, 2.0, 3.0]) if kind == "fixed" else LearnedScale(3)
+    balancer = balancer.to(device=z.device, dtype=z.dtype)
     lossbalance.backward(losses, balancer, model.trunk, features=z, mode=mode)
     expected = {f"head{i}": head_passes for i in range(3)}
     expected["trunk"] = trunk_passes
@@ -396,9 +397,11 @@ def test_runs_under_no_grad(mode, dtype, device):
     z, losses = model(x, targets)
     ref = per_term(losses, list(model.trunk.parameters()))
     with torch.no_grad():
-        w = lossbalance.backward(losses, LearnedScale(2), model.trunk, features=z, mode=mode)
+        w = lossbalance.backward(
+            losses, LearnedScale(2).to(device, dtype), model.trunk, features=z, mode=mode
+        )
     assert all(p.grad is not None for p in model.parameters())
-    scale = torch.linspace(-0.3, 0.4, 2).exp().to(dtype)
+    scale = torch.linspace(-0.3, 0.4, 2).to(device, dtype).exp()  # as the parameter s
     for p, g in zip(model.trunk.parameters(), ref, strict=True):
         torch.testing.assert_close(p.grad, combine(w * scale, g), **tol(dtype))
 
@@ -577,7 +580,9 @@ def test_errors(dtype, device):
         lossbalance.backward([], grad_bal, model.trunk)
     with pytest.raises(ValueError, match=r"loss term 1 must be a scalar tensor, got shape \(2,\)"):
         lossbalance.backward(
-            [losses[0], z[0, :2].sum() * torch.ones(2, dtype=dtype)], grad_bal, model.trunk
+            [losses[0], z[0, :2].sum() * torch.ones(2, dtype=dtype, device=device)],
+            grad_bal,
+            model.trunk,
         )
     with pytest.raises(ValueError, match="loss term 0 does not require grad"):
         lossbalance.backward([losses[0].detach(), losses[1]], grad_bal, model.trunk)

@@ -310,3 +310,50 @@ def test_jobs_train_the_same_runs_in_parallel(tmp_path, capsys, mnist_args):
 def test_jobs_must_be_positive(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--jobs", "0", "--out", str(tmp_path)])
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_jobs_workers_exit_with_the_parent(tmp_path):
+    # a time limit that kills the command must not leave its workers training (on a GPU)
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    args = ["demo", "--jobs", "2", "--epochs", "500", "--quiet", "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen([sys.executable, "-m", "lossbalance", *args], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        workers: set[int] = set()
+        while len(workers) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            workers = {
+                pid
+                for pid in _children(proc.pid)
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            }
+        assert len(workers) >= 2, "the workers did not start"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            time.sleep(0.2)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+        # a zombie (state Z, reaped by init) is gone for our purposes
+        alive = [w for w in alive if " Z " not in Path(f"/proc/{w}/stat").read_text()]
+        assert not alive, f"workers {alive} outlived their parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -12,6 +12,7 @@ from torch.autograd.function import once_differentiable
 
 import lossbalance
 import lossbalance._engine as engine
+import lossbalance._vjp as vjp
 from lossbalance import LossBalanceWarning, term_grads, term_gramian
 
 MODES = ("exact", "batched", "gramian")
@@ -104,7 +105,7 @@ def tol(dtype):
 # --------------------------------------------------------------------------- term_grads
 
 
-@pytest.mark.parametrize("mode", ["auto", "sequential", "batched"])
+@pytest.mark.parametrize("mode", ["auto", "sequential", "batched", "two_stage"])
 def test_term_grads_matches_reference(mode, dtype, device):
     model, x, targets = make_problem(0, dtype, device, tasks=("reg", "cls", "l1"))
     _, losses = model(x, targets)
@@ -121,7 +122,7 @@ def test_term_grads_unreached_is_none_and_zero_rows(dtype, device):
     b = torch.randn(2, dtype=dtype, device=device, requires_grad=True)
     c = torch.randn(2, dtype=dtype, device=device, requires_grad=True)
     losses = [a.pow(2).sum(), (a.sum() * b).sum()]
-    for mode in ("sequential", "batched"):
+    for mode in ("sequential", "batched", "two_stage", "auto"):
         ga, gb, gc = term_grads(losses, [a, b, c], mode=mode, retain_graph=True)
         assert gc is None
         torch.testing.assert_close(gb[0], torch.zeros_like(b))
@@ -157,6 +158,105 @@ def test_term_grads_batched_falls_back_with_warning(dtype, device):
     with pytest.warns(LossBalanceWarning, match="fell back to K sequential"):
         (g,) = term_grads(losses, [w], mode="batched")
     torch.testing.assert_close(g.to(torch.float64), ref, **tol(dtype))
+
+
+@pytest.fixture
+def fresh_choices():
+    vjp.clear_choices()
+    yield
+    vjp.clear_choices()
+
+
+def _flat(grads: list[Tensor | None], k: int) -> Tensor:
+    return torch.cat([g.reshape(k, -1) for g in grads if g is not None], dim=1)
+
+
+def test_term_grads_auto_times_once_per_shape_key(dtype, device, monkeypatch, fresh_choices):
+    calls = []
+    real = vjp.choose_mode
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vjp, "choose_mode", spy)
+    tasks = ("reg", "cls", "l1")
+    model, x, targets = make_problem(0, dtype, device, tasks=tasks)
+    twin, _, _ = make_problem(0, dtype, device, tasks=tasks)
+    params, twin_params = list(model.parameters()), list(twin.parameters())
+    _, losses = model(x, targets)
+    ref = reference_jacobian(losses, params)
+    got = term_grads(losses, params)
+    assert len(calls) == 1
+    assert calls[0]["repeats"] == engine.AUTO_REPEATS == 2
+    assert calls[0]["margin"] == engine.AUTO_MARGIN == 0.05
+    torch.testing.assert_close(_flat(got, 3).to(torch.float64), ref, **tol(dtype))
+    chosen = vjp.cached_choice(engine.auto_key(params, 3))
+    assert chosen in vjp.VJP_MODES
+    # a copy of the model has other tensors but the same key: no timing, the same mode,
+    # bit-identical gradients
+    again = term_grads(twin(x, targets)[1], twin_params)
+    assert len(calls) == 1
+    assert torch.equal(_flat(again, 3), _flat(term_grads(losses, params, mode=chosen), 3))
+    # forced modes, one term, deterministic algorithms and graph capture time nothing
+    for mode in ("sequential", "batched", "two_stage"):
+        term_grads(model(x, targets)[1], params, mode=mode)
+    term_grads(model(x, targets)[1][:1], params)
+    other, _, _ = make_problem(0, dtype, device, hidden=5, tasks=tasks)
+    other_params = list(other.parameters())
+    torch.use_deterministic_algorithms(True)
+    try:
+        term_grads(other(x, targets)[1], other_params)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setattr(engine, "_capturing", lambda params: True)
+    seq = term_grads(other(x, targets)[1], other_params)
+    assert len(calls) == 1
+    assert vjp.cached_choice(engine.auto_key(other_params, 3)) is None
+    want = term_grads(other(x, targets)[1], other_params, mode="sequential")
+    assert torch.equal(_flat(seq, 3), _flat(want, 3))
+
+
+@pytest.mark.parametrize(("vectorised", "expected"), [(0.96, "sequential"), (0.9, "batched")])
+def test_term_grads_auto_needs_five_percent(
+    vectorised, expected, dtype, device, monkeypatch, fresh_choices
+):
+    # a fake clock: every run of a mode advances it by that mode's cost
+    clock = [0.0]
+    cost = {"sequential": 1.0, "batched": vectorised, "two_stage": 0.99}
+    real = vjp.vjp_term_grads
+
+    def timed(losses, params, mode="sequential", **kwargs):
+        clock[0] += cost[mode]
+        return real(losses, params, mode, **kwargs)
+
+    monkeypatch.setattr(vjp, "vjp_term_grads", timed)
+    monkeypatch.setattr(vjp.time, "perf_counter", lambda: clock[0])
+    model, x, targets = make_problem(0, dtype, device, tasks=("reg", "cls", "l1"))
+    params = list(model.parameters())
+    term_grads(model(x, targets)[1], params)
+    assert vjp.cached_choice(engine.auto_key(params, 3)) == expected
+
+
+def test_term_grads_auto_is_silent_about_unbatchable_ops(dtype, device, fresh_choices):
+    w = torch.randn(3, dtype=dtype, device=device, requires_grad=True)
+    y = _InplaceBackward.apply(w)
+    losses = [y.sum(), y.pow(2).sum()]
+    ref = reference_jacobian(losses, [w])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossBalanceWarning)
+        (g,) = term_grads(losses, [w])
+    torch.testing.assert_close(g.to(torch.float64), ref, **tol(dtype))
+    assert vjp.cached_choice(engine.auto_key([w], 2)) == "sequential"
+
+
+def test_term_grads_auto_surfaces_a_freed_graph(dtype, device, fresh_choices):
+    w = torch.randn(3, dtype=dtype, device=device, requires_grad=True)
+    y = w.exp()
+    losses = [y.sum(), y.pow(2).sum()]
+    term_grads(losses, [w], mode="sequential")  # frees the graph
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        term_grads(losses, [w])
 
 
 def test_term_grads_rejects_sparse(dtype, device):

@@ -402,9 +402,9 @@ def test_gradnorm_class_gradient_matches_hand_computation() -> None:
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_gradnorm_grad_loss_vanishes_at_the_fixed_point(alpha: float) -> None:
     matrix = random_matrix(3, 3, 6, log10_scale=(-2, 2))
-    initial = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
-    losses = torch.tensor([0.9, 1.0, 2.4], dtype=F64)
-    balancer = GradNorm(3, alpha=alpha)
+    initial = torch.tensor([1.0, 2.0, 3.0], dtype=F64, device=matrix.device)
+    losses = torch.tensor([0.9, 1.0, 2.4], dtype=F64, device=matrix.device)
+    balancer = GradNorm(3, alpha=alpha).to(matrix.device)
     balancer.weights(gram(matrix), initial)
     with torch.no_grad():
         balancer.task_weights.copy_(gradnorm_weights(matrix, losses, initial, alpha=alpha))

@@ -406,6 +406,46 @@ def test_checkpoint_resume_is_bit_identical(dtype, options):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("chosen", ["sequential", "batched", "two_stage"])
+def test_resume_in_a_new_process_keeps_the_auto_grad_mode(monkeypatch, chosen):
+    # grad_mode="auto" times the modes once per process; the checkpoint records the choice
+    # so that a resumed run computes its per-term gradients the same way (bit-identical)
+    from lossbalance import _vjp
+
+    data = batches(12, torch.float32)
+    _vjp.clear_choices()
+    original = _vjp.choose_mode
+    monkeypatch.setattr(  # let auto "choose" the given mode
+        _vjp,
+        "choose_mode",
+        lambda losses, params, **kw: original(losses, params, **{**kw, "candidates": (chosen,)}),
+    )
+    model = make_model(torch.float32)
+    opt = MTAdam(model.parameters(), lr=1e-2)
+    for x in data[:6]:
+        opt.step(model.losses(x))
+    recorded = opt.state_dict()["mtadam"]["grad_mode"]
+    assert recorded == chosen
+    reference = copy.deepcopy(model)
+    opt_ref = MTAdam(reference.parameters(), lr=1e-2, grad_mode=recorded)
+    opt_ref.load_state_dict(opt.state_dict())
+    ckpt = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+
+    _vjp.clear_choices()  # a new process: nothing chosen yet, and no timing may run
+    monkeypatch.setattr(_vjp, "choose_mode", lambda *a, **k: pytest.fail("timed again"))
+    fresh = make_model(torch.float32, seed=5)
+    fresh.load_state_dict(ckpt["model"])
+    opt_f = MTAdam(fresh.parameters(), lr=1e-2)
+    opt_f.load_state_dict(ckpt["opt"])
+    for x in data[6:]:
+        opt_f.step(fresh.losses(x))
+        opt_ref.step(reference.losses(x))
+    assert opt_f.state_dict()["mtadam"]["grad_mode"] == recorded
+    for p, q in zip(reference.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+    _vjp.clear_choices()
+
+
 def test_state_memory_bound():
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 4))
     opt = MTAdam(model.parameters())
@@ -493,7 +533,8 @@ def test_inf_gradient_via_step_with_grads_is_skipped_and_warns_once(sync_free):
 def test_step_with_grads_matches_step_and_keeps_inputs():
     model = make_model()
     twin = copy.deepcopy(model)
-    o1 = MTAdam(model.parameters(), lr=1e-2)
+    # the reference below is K autograd.grad calls: bit-identical to the sequential mode
+    o1 = MTAdam(model.parameters(), lr=1e-2, grad_mode="sequential")
     o2 = MTAdam(twin.parameters(), lr=1e-2)
     params = list(twin.parameters())
     for x in batches(5):
@@ -711,3 +752,111 @@ def test_sparse_gradients_are_rejected():
     out = emb(torch.tensor([1, 2]))
     with pytest.raises(TypeError, match="sparse gradient"):
         opt.step([out.sum(), out.pow(2).sum()])
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+
+def _pretend_capturing(monkeypatch):
+    # the branch step() takes while a CUDA graph is being captured, exercised on the CPU
+    import lossbalance._mtadam as mtadam_module
+
+    monkeypatch.setattr(mtadam_module, "_is_capturing", lambda device: True)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {
+            "term_weights": [1.0, 2.0, 0.5],
+            "grouping": "global",
+            "weight_decay": 0.1,
+            "second_moment": "own",
+        },
+        {"eps": 0.0, "magnitude_init": "one", "decoupled_weight_decay": True},
+    ],
+)
+def test_capture_path_equals_the_normal_step(options, monkeypatch):
+    # the graph-capture branch runs the same device-tensor math (step counter and bias
+    # corrections as tensors) and only leaves out the host-side skip bookkeeping
+    import lossbalance._mtadam as mtadam_module
+
+    data = batches(8)
+    model, twin = make_model(), make_model()
+    opt = MTAdam(model.parameters(), lr=1e-2, sync_free=True, **options)
+    opt_c = MTAdam(twin.parameters(), lr=1e-2, sync_free=True, **options)
+    opt.step(model.losses(data[0]))
+    opt_c.step(twin.losses(data[0]))  # the eager warm-up step
+    pending = len(opt_c._pending)
+    for k, x in enumerate(data[1:]):
+        losses, losses_c = model.losses(x), twin.losses(x)
+        if k == 3:
+            losses[1] = losses[1] * float("nan")
+            losses_c[1] = losses_c[1] * float("nan")
+        with pytest.warns(LossBalanceWarning) if k == 4 else warnings.catch_warnings():
+            opt.step(losses)  # warns at the next step, when the flag has been read
+        with monkeypatch.context() as patch, _HostReads() as mode, warnings.catch_warnings():
+            patch.setattr(mtadam_module, "_is_capturing", lambda device: True)
+            warnings.simplefilter("error")  # no skip warning inside a graph
+            opt_c.step(losses_c)
+        assert mode.reads == 0
+    assert len(opt_c._pending) == pending
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    for s, t in zip(opt.state.values(), opt_c.state.values()):
+        for name in s:
+            assert torch.equal(s[name], t[name]), name
+    assert opt_c.skipped_steps == opt.skipped_steps == 1
+
+
+def test_capture_needs_a_warm_up_step_and_sync_free(monkeypatch):
+    data = batches(2)
+    _pretend_capturing(monkeypatch)
+    model = make_model()
+    with pytest.raises(RuntimeError, match="run at least one eager step before capturing"):
+        MTAdam(model.parameters(), sync_free=True).step(model.losses(data[0]))
+    with pytest.raises(RuntimeError, match=r"sync_free=False\) reads the finite flag"):
+        MTAdam(model.parameters(), sync_free=False).step(model.losses(data[0]))
+    # resumed from a checkpoint: the state exists, but the skip counter does not yet
+    monkeypatch.undo()
+    opt = MTAdam(model.parameters(), sync_free=True)
+    opt.step(model.losses(data[0]))
+    resumed = MTAdam(model.parameters(), sync_free=True)
+    resumed.load_state_dict(_roundtrip(opt.state_dict()))
+    _pretend_capturing(monkeypatch)
+    with pytest.raises(RuntimeError, match="run at least one eager step"):
+        resumed.step(model.losses(data[1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("grad_mode", ["auto", "sequential"])
+def test_cuda_graph_of_a_whole_step_matches_eager(grad_mode):
+    device = torch.device("cuda")
+    data = [x.to(device) for x in batches(8)]
+    model, twin = make_model().to(device), make_model().to(device)
+    opt = MTAdam(model.parameters(), lr=1e-2, grad_mode=grad_mode)
+    opt_g = MTAdam(twin.parameters(), lr=1e-2, grad_mode=grad_mode)
+    static_x = data[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x in data[:3]:
+            static_x.copy_(x)
+            opt_g.step(twin.losses(static_x))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_g.step(twin.losses(static_x))
+    for x in data[3:]:
+        static_x.copy_(x)
+        graph.replay()
+    for x in data:
+        opt.step(model.losses(x))
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    for s, t in zip(opt.state.values(), opt_g.state.values()):
+        for name in s:
+            torch.testing.assert_close(s[name], t[name], rtol=1e-9, atol=1e-12)
+    assert opt_g.skipped_steps == 0

@@ -35,8 +35,13 @@ from lossbalance._validation import check_choice, warn_once
 
 __all__ = ["GRAD_MODES", "GRAMIAN_MODES", "collect_terms", "term_grads", "term_gramian"]
 
-GRAD_MODES = ("auto", "sequential", "batched")
+GRAD_MODES = ("auto", "sequential", "batched", "two_stage")
 GRAMIAN_MODES = ("auto", "exact", "batched", "gramian", "feature")
+
+# mode="auto" of term_grads: timed runs per candidate on the first call for a key, and how
+# much faster than sequential a vectorised mode must be to be chosen
+AUTO_REPEATS = 2
+AUTO_MARGIN = 0.05
 
 
 def term_grads(
@@ -54,12 +59,29 @@ def term_grads(
         losses: K scalar tensors.
         params: the tensors to differentiate with respect to.
         mode: ``"sequential"`` runs K ``torch.autograd.grad`` calls; ``"batched"`` runs one
-            vectorised call (``is_grads_batched=True``) and falls back to sequential (with
-            a once-only warning) when an operation has no batching rule; ``"auto"`` picks
-            sequential.
-        retain_graph: keep the graph after the last backward (the batched path always
-            keeps it, so that the sequential fallback can run; it is freed with the
+            vectorised call (``is_grads_batched=True``); ``"two_stage"`` runs K cheap passes
+            from the losses to their shared output (the logits, found in the graph) and
+            one vectorised call from there through the network
+            (:func:`lossbalance._vjp.two_stage_term_grads`). The vectorised modes fall back
+            to sequential (with a once-only warning) when an operation has no batching
+            rule. ``"auto"`` (default) chooses by timing, see below. Every mode is exact;
+            they differ in rounding only.
+        retain_graph: keep the graph after the last backward (the vectorised paths always
+            keep it, so that the sequential fallback can run; it is freed with the
             caller's references to the losses).
+
+    ``mode="auto"``: with one term, sequential (one backward pass). Otherwise, on the first
+    call for a key (the parameters' shapes, dtypes and devices, and K), sequential,
+    two_stage and batched are each run ``AUTO_REPEATS`` (2) times on this call's graph
+    (:func:`lossbalance._vjp.choose_mode`) and a vectorised mode is chosen only if it is
+    more than ``AUTO_MARGIN`` (5%) faster than sequential (the leanest in memory); that
+    call returns the chosen mode's gradients, and later calls with the key run the cached
+    mode once. The key holds shapes rather than tensor identities, so copies of one model
+    (and seeded reruns in one process) use the same mode and give bit-identical results;
+    another process may time differently and round differently. Nothing is timed, and
+    sequential is used, under ``torch.use_deterministic_algorithms(True)`` and while a
+    CUDA graph is being captured without a cached choice.
+    ``lossbalance._vjp.clear_choices()`` forgets the choices.
 
     Returns:
         One entry per parameter: a ``(K, *p.shape)`` tensor, or ``None`` if no loss
@@ -78,9 +100,88 @@ def term_grads(
     losses = list(losses)
     # callers such as an optimizer's step() run under no_grad; the backward needs grad mode
     with torch.enable_grad():
+        if mode == "auto":
+            return _auto_term_grads(losses, params, retain_graph)
+        if mode == "two_stage":
+            return _two_stage(losses, params, retain_graph)
         return _per_term(
             losses, params, len(params), batched=mode == "batched", retain_graph=retain_graph
         )
+
+
+def auto_key(params: Sequence[Tensor], num_terms: int) -> tuple[object, ...]:
+    """The cache key of ``term_grads(mode="auto")``: shapes, dtypes, devices of the
+    parameters and K (not their identities: copies of a model share the choice)."""
+    return (
+        "term_grads",
+        tuple((tuple(p.shape), p.dtype, p.device) for p in params),
+        num_terms,
+    )
+
+
+def _capturing(params: Sequence[Tensor]) -> bool:
+    return (
+        bool(params)
+        and params[0].device.type == "cuda"
+        and torch.cuda.is_current_stream_capturing()
+    )
+
+
+def _auto_term_grads(
+    losses: list[Tensor], params: list[Tensor], retain_graph: bool
+) -> list[Tensor | None]:
+    if len(losses) <= 1 or not params or torch.are_deterministic_algorithms_enabled():
+        return _per_term(losses, params, len(params), batched=False, retain_graph=retain_graph)
+    from lossbalance import _vjp  # _vjp imports this module
+
+    key = auto_key(params, len(losses))
+    mode = _vjp.cached_choice(key)
+    if mode is None:
+        if _capturing(params):
+            # timing synchronises the device, which a CUDA graph capture forbids
+            mode = "sequential"
+        else:
+            try:
+                choice = _vjp.choose_mode(
+                    losses,
+                    params,
+                    repeats=AUTO_REPEATS,
+                    margin=AUTO_MARGIN,
+                    key=key,
+                    warn=False,
+                )
+            except RuntimeError as err:
+                if isinstance(err, torch.OutOfMemoryError):
+                    raise
+                # every candidate failed: the sequential path raises the actual error
+                mode = "sequential"
+            else:
+                return choice.grads
+    if mode == "two_stage":
+        return _two_stage(losses, params, retain_graph)
+    return _per_term(
+        losses, params, len(params), batched=mode == "batched", retain_graph=retain_graph
+    )
+
+
+def _two_stage(
+    losses: list[Tensor], params: list[Tensor], retain_graph: bool
+) -> list[Tensor | None]:
+    from lossbalance import _vjp  # _vjp imports this module
+
+    try:
+        # the graph is kept so that the sequential fallback can still run
+        return _vjp.two_stage_term_grads(losses, params, retain_graph=True)
+    except RuntimeError as err:
+        if isinstance(err, torch.OutOfMemoryError):
+            raise
+        out = _sequential(losses, params, len(params), retain_graph)
+        warn_once(
+            "engine-two-stage-fallback",
+            f"two-stage per-term gradients failed ({type(err).__name__}: {err}); "
+            "fell back to K sequential backward passes",
+        )
+        return out
 
 
 def term_gramian(

@@ -90,7 +90,8 @@ class MTAdam(Optimizer):
             (mean of the second moments, ablation (v); keeps a single buffer).
         magnitude_init: ``"first"`` or ``"one"``, see above.
         grad_mode: how :meth:`step` computes per-term gradients (``"auto"``,
-            ``"sequential"``, ``"batched"``); see :func:`lossbalance.term_grads`.
+            ``"sequential"``, ``"batched"``, ``"two_stage"``); see
+            :func:`lossbalance.term_grads` (``"auto"`` times the modes at the first step).
         process_group: under ``torch.distributed``, the per-term gradients and loss values
             are averaged across this group's ranks in one all-reduce per step before
             anything else, so every rank applies the identical update (the result equals
@@ -101,6 +102,16 @@ class MTAdam(Optimizer):
             step is applied with zero weights instead of being branched on. ``None``
             (default) means on accelerators; on the CPU reading the flag costs nothing, so
             a bad step returns early there.
+
+    CUDA graphs: with ``sync_free`` (the default on CUDA) a whole training step (forward,
+    ``step(losses)``) can be captured with ``torch.cuda.graph`` and replayed. The step
+    counter and the bias corrections are device tensors, so replays advance them. Run at
+    least one eager step first (on a side stream, as the ``torch.cuda.graph`` docs do for
+    ``torch.optim.Adam``), so that the state is allocated outside the graph and
+    ``grad_mode="auto"`` has made its choice; capturing before raises. ``lr``, betas, eps,
+    weight decay and ``term_weights`` are baked into the graph (capture again after
+    changing them, e.g. with a scheduler). Inside replays a skipped step is counted in
+    :attr:`skipped_steps` but not warned about.
 
     Example:
         >>> import torch, lossbalance
@@ -175,6 +186,7 @@ class MTAdam(Optimizer):
         self.second_moment = second_moment
         self.magnitude_init = magnitude_init
         self.grad_mode = grad_mode
+        self._resolved_grad_mode: str | None = None
         self.process_group = process_group
         self.sync_free = sync_free
         self.threshold = 1e-10
@@ -302,7 +314,14 @@ class MTAdam(Optimizer):
             assert grad_scaler is not None
             with torch.enable_grad():
                 items = [grad_scaler.scale(loss) for loss in items]
-        grads = term_grads(items, params, mode=self.grad_mode)
+        mode = self.grad_mode
+        if mode == "auto" and self._resolved_grad_mode is not None:
+            mode = self._resolved_grad_mode
+        grads = term_grads(items, params, mode=mode)
+        if mode == "auto":
+            # remember what auto chose (saved in state_dict, so that a resumed run in
+            # another process computes the per-term gradients the same way)
+            self._resolved_grad_mode = _resolved_auto_mode(params, len(items))
         loss_vec = torch.stack([loss.detach().float() for loss in items])
         if scaling:
             assert grad_scaler is not None
@@ -403,7 +422,11 @@ class MTAdam(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["mtadam"] = {"num_terms": self.num_terms, "skipped_steps": self.skipped_steps}
+        sd["mtadam"] = {
+            "num_terms": self.num_terms,
+            "skipped_steps": self.skipped_steps,
+            "grad_mode": self._resolved_grad_mode,
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -415,7 +438,9 @@ class MTAdam(Optimizer):
         if extra is not None:
             self.num_terms = extra.get("num_terms")
             self._skipped_host = int(extra.get("skipped_steps", 0))
+            self._resolved_grad_mode = extra.get("grad_mode")
         else:
+            self._resolved_grad_mode = None
             self.num_terms = None
             self._skipped_host = 0
             for s in self.state.values():
@@ -472,7 +497,9 @@ class MTAdam(Optimizer):
         return state
 
     def _apply(self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None) -> Tensor | None:
-        self._flush_pending()
+        capturing = _is_capturing(next(iter(stacked)).device) if stacked else False
+        if not capturing:
+            self._flush_pending()
         num = self.num_terms
         group = resolve_group(self.process_group)
         if group is not None and num is not None:
@@ -491,6 +518,8 @@ class MTAdam(Optimizer):
         # On the CPU the flag is read for free (no device to wait for): a bad step returns
         # here, and good steps skip the masking that keeps accelerator steps sync-free.
         masked = self.sync_free if self.sync_free is not None else home.type != "cpu"
+        if capturing:
+            self._check_capturable(params, home, masked)
         if not masked and not bool(finite):
             self._record_finite(finite, masked)
             return finite
@@ -525,8 +554,32 @@ class MTAdam(Optimizer):
                 masked=masked,
             )
             start += len(ps)
-        self._record_finite(finite, masked)
+        self._record_finite(finite, masked, capturing)
         return finite
+
+    def _check_capturable(self, params: list[Tensor], home: torch.device, masked: bool) -> None:
+        """Refuse to capture what a CUDA graph would replay wrongly."""
+        if not masked:
+            raise RuntimeError(
+                "MTAdam(sync_free=False) reads the finite flag on the host, which CUDA graph "
+                "capture forbids: use sync_free=True (the default on CUDA)"
+            )
+        ready = (
+            all(len(self.state[p]) > 0 for p in params)
+            and self._skipped is not None
+            and self._skipped.device == home
+            and (self.term_weights is None or ("weights", home) in self._cache)
+            and (
+                self.grouping == "parameter"
+                or ("layers", (tuple(id(p) for p in params), home)) in self._cache
+            )
+        )
+        if not ready:
+            raise RuntimeError(
+                "MTAdam: run at least one eager step before capturing step() in a CUDA graph "
+                "(warm-up on a side stream, as the torch.cuda.graph docs describe): the state "
+                "would be allocated and zeroed inside the graph, and reset at every replay"
+            )
 
     def _all_reduce(
         self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None, num: int, group: Any
@@ -579,13 +632,17 @@ class MTAdam(Optimizer):
             self._cache[("weights", home)] = cached
         return cached
 
-    def _record_finite(self, finite: Tensor, masked: bool) -> None:
+    def _record_finite(self, finite: Tensor, masked: bool, capturing: bool = False) -> None:
         skipped = (~finite).to(torch.int64)
         if self._skipped is None or self._skipped.device != finite.device:
             if self._skipped is not None:
                 self._skipped_host += int(self._skipped.item())
             self._skipped = torch.zeros((), dtype=torch.int64, device=finite.device)
         self._skipped.add_(skipped)
+        if capturing:
+            # a replay only advances the device counter; the pinned copy and event below
+            # are host-side objects that a graph cannot renew at each replay
+            return
         if not masked:
             if not bool(finite):
                 self._warn_skip()
@@ -616,6 +673,21 @@ class MTAdam(Optimizer):
             "parameters and state were left untouched. See MTAdam.skipped_steps.",
             stacklevel=4,
         )
+
+
+def _resolved_auto_mode(params: list[Tensor], num_terms: int) -> str | None:
+    """The mode that ``term_grads(mode="auto")`` uses for these parameters and K."""
+    if num_terms <= 1:
+        return "sequential"
+    from lossbalance import _vjp
+    from lossbalance._engine import auto_key
+
+    return _vjp.cached_choice(auto_key(params, num_terms))
+
+
+def _is_capturing(device: torch.device) -> bool:
+    """Whether ``step()`` is being captured into a CUDA graph on this thread."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _report_to_scaler(scaler: torch.amp.GradScaler, optimizer: Optimizer, finite: Tensor) -> None:

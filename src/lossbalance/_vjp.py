@@ -29,6 +29,8 @@ few times, interleaved, on the same retained graph), checks that they agree, and
 the fastest per (parameters, K, device, dtype); :func:`vjp_term_grads` runs a mode by name,
 so a user can force one. No mode wins everywhere: on one CPU thread the sequential mode
 was fastest for a small CNN and the vectorised ones for an MLP (``benchmarks/RESULTS.md``).
+:func:`lossbalance.term_grads` with ``mode="auto"`` (MTAdam's default ``grad_mode``) uses
+:func:`choose_mode` with a key of parameter shapes and K (see its docstring).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ __all__ = [
     "VJP_MODES",
     "Choice",
     "batched_term_grads",
+    "cached_choice",
     "choose_mode",
     "clear_choices",
     "default_key",
@@ -324,8 +327,15 @@ _CHOICES: dict[Hashable, tuple[str, dict[str, float]]] = {}
 
 
 def clear_choices() -> None:
-    """Forget every cached choice (after changing threads, batch size or model layout)."""
+    """Forget every cached choice (after changing threads, batch size or model layout);
+    the choices of ``term_grads(mode="auto")`` too."""
     _CHOICES.clear()
+
+
+def cached_choice(key: Hashable) -> str | None:
+    """The mode chosen earlier for ``key``, or ``None`` if nothing was chosen for it."""
+    hit = _CHOICES.get(key)
+    return None if hit is None else hit[0]
 
 
 def default_key(params: Sequence[Tensor], num_terms: int) -> Hashable:
@@ -353,6 +363,7 @@ def choose_mode(
     key: Hashable | None = None,
     check: bool = True,
     margin: float = 0.05,
+    warn: bool = True,
 ) -> Choice:
     """Per-term gradients by the fastest exact mode, timed on this step and cached.
 
@@ -378,6 +389,8 @@ def choose_mode(
         margin: another candidate must be faster than the first by this fraction to be
             chosen (default ``0.05``): the first (``"sequential"``) holds the least memory,
             and timings closer than that are noise.
+        warn: warn (once) about a candidate that failed or disagreed (default ``True``;
+            ``term_grads(mode="auto")`` drops them silently).
 
     Returns:
         A :class:`Choice` with the gradients of this step.
@@ -433,11 +446,12 @@ def choose_mode(
                 alive.remove(mode)
                 times.pop(mode, None)
                 latest.pop(mode, None)
-                warn_once(
-                    f"vjp-choose-{mode}-failed",
-                    f"per-term gradient mode {mode!r} failed ({type(err).__name__}: {err}); "
-                    "it is not a candidate for this model",
-                )
+                if warn:
+                    warn_once(
+                        f"vjp-choose-{mode}-failed",
+                        f"per-term gradient mode {mode!r} failed ({type(err).__name__}: "
+                        f"{err}); it is not a candidate for this model",
+                    )
                 continue
             elapsed = time.perf_counter() - start
             if rep == 0 and check:
@@ -445,11 +459,12 @@ def choose_mode(
                     reference = (mode, grads)
                 elif not _agree(reference[1], grads):
                     alive.remove(mode)
-                    warn_once(
-                        f"vjp-choose-{mode}-mismatch",
-                        f"per-term gradient mode {mode!r} disagrees with {reference[0]!r} on "
-                        "this model; it is not a candidate",
-                    )
+                    if warn:
+                        warn_once(
+                            f"vjp-choose-{mode}-mismatch",
+                            f"per-term gradient mode {mode!r} disagrees with {reference[0]!r} "
+                            "on this model; it is not a candidate",
+                        )
                     continue
             times[mode] = min(times.get(mode, float("inf")), elapsed)
             latest[mode] = grads

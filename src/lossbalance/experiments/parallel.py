@@ -10,8 +10,10 @@ back to the parent, which checkpoints each one as it arrives (``runs.jsonl``, as
 ``--resume`` reads) and finally assembles the report with the usual ``run`` over the
 finished records, which trains nothing.
 
-Workers are started with ``spawn`` (CUDA cannot be used in a forked child) and use
-``threads`` CPU threads each (default: the cores divided among the jobs).
+Workers are started with ``spawn`` (CUDA cannot be used in a forked child), use
+``threads`` CPU threads each (default: the cores divided among the jobs), and exit when
+the parent process dies (a time limit, a kill), so that no orphan keeps the device busy;
+the runs finished by then are in the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,12 +23,26 @@ import dataclasses
 import importlib
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from lossbalance.experiments.harness import _bar
 
 __all__ = ["run_parallel"]
+
+
+def _watch_parent(parent: int) -> None:
+    # Worker initializer: leave as soon as the parent is gone (killed by a time limit, say),
+    # instead of training on for nobody and holding the device.
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="lossbalance-parent-watch", daemon=True).start()
 
 
 def _worker(
@@ -69,7 +85,12 @@ def run_parallel(
     bar = _bar(len(tasks), f"runs ({jobs} at once)", cfg.progress, 0, leave=True)
     context = multiprocessing.get_context("spawn")
     try:
-        with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        with futures.ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=context,
+            initializer=_watch_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             pending = {
                 pool.submit(_worker, module.__name__, task, previous): task for task in tasks
             }

@@ -140,12 +140,36 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write strict JSON (indent 2, non-finite numbers as null)."""
+def write_json(path: str | Path, obj: Any, *, compact: bool = False) -> Path:
+    """Write strict JSON (non-finite numbers as null): indent 2, or one line without
+    spaces when ``compact`` (the run records of a large experiment)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
+    data = to_jsonable(obj)
+    if compact:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    else:
+        text = json.dumps(data, indent=2, allow_nan=False)
+    path.write_text(text + "\n")
     return path
+
+
+def _round_trace(value: Any, digits: int = 7) -> Any:
+    # A run's trace (per-term losses, weights, magnitudes at the trace points) holds
+    # float32 quantities: 7 significant digits keep them and halve results.json.
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, list):
+        return [_round_trace(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _round_trace(v, digits) for k, v in value.items()}
+    return value
+
+
+def _compact_run(run: dict[str, Any]) -> dict[str, Any]:
+    if "trace" not in run:
+        return run
+    return {**run, "trace": _round_trace(to_jsonable(run["trace"]))}
 
 
 def format_mean_std(stats: Mapping[str, Any], digits: int = 2) -> str:
@@ -448,8 +472,9 @@ def write_report(
                 "summary": result.summary,
                 "term_names": result.term_names,
                 **result.extra,
-                "runs": result.runs,
+                "runs": [_compact_run(run) for run in result.runs],
             },
+            compact=True,
         )
     )
     md = out / "results.md"
