@@ -860,3 +860,46 @@ def test_cuda_graph_of_a_whole_step_matches_eager(grad_mode):
         for name in s:
             torch.testing.assert_close(s[name], t[name], rtol=1e-9, atol=1e-12)
     assert opt_g.skipped_steps == 0
+
+
+# ----------------------------------------------------------------------------- multi-tensor
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts dispatched aten ops that are not views (views launch no kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func] = self.ops.get(func, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _update_ops(layers: int, **options) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)]).double()
+    opt = MTAdam(model.parameters(), lr=1e-2, weight_decay=0.1, **options)
+    opt.num_terms = 3
+    params = list(model.parameters())
+    with torch.no_grad():
+        opt._apply({p: torch.randn(3, *p.shape, dtype=torch.float64) for p in params}, None)
+        stacked = {p: torch.randn(3, *p.shape, dtype=torch.float64) for p in params}
+        with _OpCount() as mode:
+            opt._apply(stacked, None)
+    return mode.ops
+
+
+@pytest.mark.parametrize("sync_free", [None, True], ids=["host-check", "sync-free"])
+def test_update_ops_do_not_grow_with_the_number_of_tensors(sync_free):
+    # the update is multi-tensor (torch._foreach_*): 40 parameter tensors dispatch as many
+    # ops as 4; the per-parameter loop it replaced dispatched about 18 per tensor. The
+    # masked path keeps one masked_fill_ per tensor (no foreach op maps NaN to 0).
+    few, many = _update_ops(2, sync_free=sync_free), _update_ops(20, sync_free=sync_free)
+    per_tensor = 1 if sync_free else 0
+    assert sum(many.values()) - sum(few.values()) <= per_tensor * (40 - 4), many
+    assert sum(few.values()) <= 80 + per_tensor * 4, few
+    if sync_free:
+        assert many.get(torch.ops.aten.masked_fill_.Scalar, 0) == 40

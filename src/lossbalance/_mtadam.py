@@ -699,20 +699,73 @@ def _report_to_scaler(scaler: torch.amp.GradScaler, optimizer: Optimizer, finite
     state["stage"] = OptState.STEPPED
 
 
+Bucket = tuple[torch.device, torch.dtype]
+
+
+def _buckets(grads: list[Tensor]) -> dict[Bucket, list[int]]:
+    """Indices of the tensors of each (device, dtype), as torch.optim's foreach paths group."""
+    out: dict[Bucket, list[int]] = {}
+    for k, g in enumerate(grads):
+        out.setdefault((g.device, g.dtype), []).append(k)
+    return out
+
+
+def _in_order(blocks: list[Tensor], buckets: dict[Bucket, list[int]]) -> Tensor:
+    """Rows of per-bucket blocks (already on one device and dtype) in the original order."""
+    if len(blocks) == 1:
+        return blocks[0]
+    rows: dict[int, Tensor] = {}
+    for block, idx in zip(blocks, buckets.values()):
+        rows.update(zip(idx, block.unbind(0)))
+    return torch.stack([rows[k] for k in range(len(rows))])
+
+
 def _layer_norms(grads: list[Tensor], layer_index: Tensor | None) -> Tensor:
-    """(P, I) float64 magnitudes ||g_{i,l}|| of each parameter's layer, per term."""
+    """(P, I) float64 magnitudes ||g_{i,l}|| of each parameter's layer, per term.
+
+    One ``_foreach_norm`` over the per-term views of all tensors of a (device, dtype).
+    """
     home = grads[0].device
-    norms = torch.stack(
-        [
-            torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).to(home, torch.float64)
-            for g in grads
-        ]
-    )
+    num = grads[0].shape[0]
+    buckets = _buckets(grads)
+    blocks = []
+    for idx in buckets.values():
+        terms = [t for k in idx for t in grads[k].unbind(0)]
+        norms = torch.stack(torch._foreach_norm(terms)).view(len(idx), num)
+        blocks.append(norms.to(home, torch.float64))
+    norms = _in_order(blocks, buckets)
     if layer_index is None:
         return norms
-    sq = torch.zeros((len(grads), norms.shape[1]), dtype=torch.float64, device=home)
+    sq = torch.zeros((len(grads), num), dtype=torch.float64, device=home)
     sq.index_add_(0, layer_index, norms.square())
     return sq.sqrt().index_select(0, layer_index)
+
+
+def _reduce_terms(
+    tensors: list[Tensor], num: int, out_of_place: Any, in_place: Any
+) -> list[Tensor]:
+    """Reduce each ``(I, *shape)`` tensor over its first dimension with a pairwise tree of
+    foreach ops (about log2(I) ops in all, whatever the number of tensors). ``tensors`` are
+    left intact; with ``I = 1`` the result is a view of them."""
+    cur, n, owned = tensors, num, False
+    while n > 1:
+        h = n // 2
+        lo, hi = [t[:h] for t in cur], [t[h : 2 * h] for t in cur]
+        if owned:
+            in_place(lo, hi)
+            res = lo
+        else:
+            res, owned = out_of_place(lo, hi), True
+        if n % 2:
+            in_place([r[:1] for r in res], [t[2 * h :] for t in cur])
+        cur, n = res, h
+    return [t[0] for t in cur]
+
+
+def _sum_terms(tensors: list[Tensor], row: Tensor) -> list[Tensor]:
+    """``row @ t.view(I, -1)`` for each tensor: a weighted sum over terms, one foreach op."""
+    out = torch._foreach_mm([row] * len(tensors), [t.view(t.shape[0], -1) for t in tensors])
+    return [o.view(t.shape[1:]) for o, t in zip(out, tensors)]
 
 
 def mtadam(
@@ -741,6 +794,11 @@ def mtadam(
 ) -> Tensor:
     """Functional MTAdam update of one parameter group (math in :class:`MTAdam`), in place.
 
+    Multi-tensor: the per-layer scalars (magnitude EMAs, anchors, scales, bias corrections)
+    are one ``(P, I)`` computation, and the element-wise work runs as ``torch._foreach_*``
+    ops over all tensors of each (device, dtype), so the number of ops does not grow with
+    the number of parameter tensors (the masked path adds one ``masked_fill_`` per tensor).
+
     Args:
         params: the P parameter tensors to update.
         grads: per parameter, the stacked per-term gradients ``(I, *p.shape)`` in the state
@@ -754,8 +812,8 @@ def mtadam(
             :class:`MTAdam`.
         term_weights: ``(I,)`` multipliers, or ``None``.
         normalization, second_moment, magnitude_init, threshold: as in :class:`MTAdam`.
-        norms: ``(P, I)`` float64 layer magnitudes of this step; computed per parameter from
-            ``grads`` if ``None`` (the optimizer passes them for module/global grouping).
+        norms: ``(P, I)`` float64 layer magnitudes of this step; computed per tensor from
+            ``grads`` (one ``_foreach_norm``) if ``None`` (the optimizer passes them for module/global grouping).
         finite: 0-dim bool; when ``False`` nothing changes. Computed from ``norms`` if
             ``None``.
         masked: apply ``finite`` by masking, without reading it on the host (default). With
@@ -767,20 +825,32 @@ def mtadam(
     """
     home = params[0].device
     num = grads[0].shape[0]
+    count = len(params)
+    buckets = _buckets(grads)
     if norms is None:
         norms = _layer_norms(grads, None)
     if finite is None:
         finite = torch.isfinite(norms).all()
     keep = finite.to(torch.float64)
 
-    mags = torch.stack([m.to(home, torch.float64) for m in magnitudes])  # (P, I)
-    step_old = torch.stack([s.to(home, torch.float64) for s in steps])  # (P,)
+    # the per-layer scalars of all tensors as (P, I) and (P,) float64 tensors on `home`
+    mags = _in_order(
+        [
+            torch.stack([magnitudes[k] for k in idx]).to(home, torch.float64)
+            for idx in buckets.values()
+        ],
+        buckets,
+    )
+    step_old = _in_order(
+        [torch.stack([steps[k] for k in idx]).to(home, torch.float64) for idx in buckets.values()],
+        buckets,
+    )
     if magnitude_init == "first":
         rate = torch.where(step_old == 0, torch.ones_like(step_old), 1.0 - beta3).unsqueeze(1)
     else:
         rate = torch.full_like(step_old, 1.0 - beta3).unsqueeze(1)
     measured = torch.where(finite, norms, mags)
-    new_mags = torch.lerp(mags, measured, rate * keep.unsqueeze(0))
+    new_mags = torch.lerp(mags, measured, rate * keep)
 
     above = new_mags > threshold
     if normalization == "anchor":
@@ -793,66 +863,85 @@ def mtadam(
     if term_weights is not None:
         scale = scale * term_weights.to(home).unsqueeze(0)
 
-    step_new = step_old + keep
     # A skipped first step leaves step == 0; the clamp keeps the (unused) factors finite.
-    step_c = step_new.clamp(min=1.0)
+    step_c = (step_old + keep).clamp(min=1.0)
     bc1 = 1.0 - torch.pow(beta1, step_c)
     bc2_sqrt = (1.0 - torch.pow(beta2, step_c)).sqrt()
-    factors = torch.cat(
+    step_size = torch.full_like(bc1, -lr).div_(bc1) * keep
+    shared = torch.stack(
         [
-            scale,
-            ((1.0 - beta1) * keep).expand(len(params)).unsqueeze(1),
-            (beta2 * keep + (1.0 - keep)).expand(len(params)).unsqueeze(1),
-            bc2_sqrt.unsqueeze(1),
-            (torch.full_like(bc1, -lr).div_(bc1) * keep).unsqueeze(1),
-            (1.0 - lr * weight_decay * keep).expand(len(params)).unsqueeze(1),
-        ],
+            (1.0 - beta1) * keep,  # first-moment rate
+            beta2 * keep + (1.0 - keep),  # second-moment decay
+            1.0 - lr * weight_decay * keep,  # decoupled decay
+            1.0 - keep,  # 1 on a skipped step
+        ]
+    )
+    # columns: scale (I) | new magnitudes (I) | bc2_sqrt | step_size | shared (4)
+    table = torch.cat(
+        [scale, new_mags, bc2_sqrt.unsqueeze(1), step_size.unsqueeze(1), shared.expand(count, 4)],
         dim=1,
     )
-    converted: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+    rows = table.unbind(0) if len(buckets) > 1 else ()
     skip = ~finite
 
-    for k, p in enumerate(params):
-        g = grads[k]
-        dev, dt = p.device, g.dtype
-        fac = converted.get((dev, dt))
-        if fac is None:
-            fac = converted[(dev, dt)] = factors.to(dev, dt)
-        row = fac[k]
-        rate1, decay2, bc2s, step_size, shrink = (row[num + j] for j in range(5))
-        magnitudes[k].copy_(new_mags[k])
-        steps[k].copy_(step_new[k])
+    for (dev, dt), idx in buckets.items():
+        tab = (table if not rows else torch.stack([rows[k] for k in idx])).to(dev, dt)
+        ps = [params[k] for k in idx]
+        gs = [grads[k] for k in idx]
+        ms = [exp_avgs[k] for k in idx]
+        vs = [exp_avg_sqs[k] for k in idx]
+        rate1, decay2, shrink, skipped = tab[0, 2 * num + 2 :].unbind(0)
+        torch._foreach_copy_([magnitudes[k] for k in idx], tab[:, num : 2 * num].unbind(0))
+        torch._foreach_add_([steps[k] for k in idx], [finite.to(dev, torch.float32)] * len(idx))
+        bc2s = tab[:, 2 * num].unbind(0)
+        sizes = tab[:, 2 * num + 1].unbind(0)
 
-        g.mul_(row[:num].reshape((num,) + (1,) * (g.dim() - 1)))
-        master = p if p.dtype == dt else p.to(dt)
+        trailing = [(1,) * (g.dim() - 1) for g in gs]
+        torch._foreach_mul_(gs, [s.view(num, *t) for s, t in zip(tab[:, :num].unbind(0), trailing)])
+        # low-precision parameters: the update is computed in the float32 state dtype
+        masters = ps if all(p.dtype == dt for p in ps) else [p.to(dt) for p in ps]
         if weight_decay != 0 and not decoupled_weight_decay:
-            g[0].add_(master, alpha=weight_decay)
+            torch._foreach_add_([g[0] for g in gs], masters, alpha=weight_decay)
         if masked:
-            g.masked_fill_(skip.to(dev), 0.0)
+            # no foreach op maps NaN to 0 (x * 0 stays NaN), so this one is per tensor
+            skip_dev = skip.to(dev)
+            for g in gs:
+                g.masked_fill_(skip_dev, 0.0)
 
-        m, v = exp_avgs[k], exp_avg_sqs[k]
-        m.lerp_(g if second_moment == "own" else g.sum(0), rate1)
+        ones = torch.ones((1, num), dtype=dt, device=dev)
+        firsts = gs if second_moment == "own" else _sum_terms(gs, ones)
+        if masked:
+            torch._foreach_lerp_(ms, firsts, [rate1] * len(ms))
+        else:
+            torch._foreach_lerp_(ms, firsts, 1.0 - beta1)
+        torch._foreach_mul_(vs, decay2)
         if second_moment == "mean":
-            v.mul_(decay2).add_(g.square().mean(0), alpha=1.0 - beta2)
+            mean_row = torch.full((1, num), 1.0 / num, dtype=dt, device=dev)
+            torch._foreach_add_(
+                vs, _sum_terms(torch._foreach_mul(gs, gs), mean_row), alpha=1.0 - beta2
+            )
         else:
-            v.mul_(decay2).addcmul_(g, g, value=1.0 - beta2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
 
-        # (step_size * m) / denom, in the order torch.optim.Adam's addcdiv_ uses
         if weight_decay != 0 and decoupled_weight_decay:
-            master.mul_(shrink)
-        if second_moment == "own":
-            update = (m * step_size / (v.sqrt() / bc2s).add_(eps)).sum(0)
-            new = master.add_(update) if eps != 0 or not masked else master.add(update)
-        else:
-            denom = (v.amax(0) if second_moment == "max" else v).sqrt().div_(bc2s).add_(eps)
-            scaled = m * step_size
-            in_place = eps != 0 or not masked
-            new = master.addcdiv_(scaled, denom) if in_place else master.addcdiv(scaled, denom)
+            torch._foreach_mul_(masters, shrink)
+        if second_moment == "max":
+            vs = _reduce_terms(vs, num, torch._foreach_maximum, torch._foreach_maximum_)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, list(bc2s))
+        torch._foreach_add_(denom, eps)
         if eps == 0 and masked:
             # 0/0 where a coordinate never had a gradient: a skipped step must stay a no-op
-            new = master.copy_(torch.where(skip.to(dev), master, new))
-        if new is not p:
-            p.copy_(new)
+            torch._foreach_add_(denom, [skipped] * len(denom))
+        # (step_size * m) / denom, in the order torch.optim.Adam's addcdiv_ uses
+        scaled = torch._foreach_mul(ms, list(sizes))
+        if second_moment == "own":
+            torch._foreach_div_(scaled, denom)
+            torch._foreach_add_(masters, _sum_terms(scaled, ones))
+        else:
+            torch._foreach_addcdiv_(masters, scaled, denom)
+        if masters is not ps:
+            torch._foreach_copy_(ps, masters)
     return finite
 
 
