@@ -762,7 +762,7 @@ def _reduce_terms(
     return [t[0] for t in cur]
 
 
-def _sum_terms(tensors: list[Tensor], row: Tensor) -> list[Tensor]:
+def _sum_terms(tensors: Sequence[Tensor], row: Tensor) -> list[Tensor]:
     """``row @ t.view(I, -1)`` for each tensor: a weighted sum over terms, one foreach op."""
     out = torch._foreach_mm([row] * len(tensors), [t.view(t.shape[0], -1) for t in tensors])
     return [o.view(t.shape[1:]) for o, t in zip(out, tensors)]
@@ -932,7 +932,7 @@ def mtadam(
         torch._foreach_add_(denom, eps)
         if eps == 0 and masked:
             # 0/0 where a coordinate never had a gradient: a skipped step must stay a no-op
-            torch._foreach_add_(denom, [skipped] * len(denom))
+            torch._foreach_add_(denom, [skipped] * len(denom))  # type: ignore[arg-type]
         # (step_size * m) / denom, in the order torch.optim.Adam's addcdiv_ uses
         scaled = torch._foreach_mul(ms, list(sizes))
         if second_moment == "own":

@@ -23,8 +23,7 @@ scaled to [-1, 1], drawn independently (unpaired):
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,10 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lossbalance.experiments.data import ClassificationData, load_idx_dataset
-from lossbalance.experiments.gan import GanConfig, gan_result, run_gan_experiment
-from lossbalance.experiments.methods import ABLATIONS, resolve_methods
-from lossbalance.experiments.mnist import expand_methods
+from lossbalance.experiments.data import ClassificationData
+from lossbalance.experiments.gan import (
+    DEFAULT_METHODS,
+    AdversarialTask,
+    GanConfig,
+    GanSetup,
+    evaluating,
+    method_names,
+)
 from lossbalance.experiments.report import ExperimentResult, encode_images
 from lossbalance.experiments.synthesis import (
     FashionClassifier,
@@ -60,7 +64,6 @@ __all__ = [
 
 BALANCED_WEIGHTS = (1.0, 1.0, 10.0, 10.0, 5.0, 5.0)
 UNBALANCED_WEIGHTS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
-DEFAULT_METHODS = ["balanced-adam", "sgd-m", "rmsprop", "adam", "mtadam"]
 TERM_NAMES = ["gan_ab", "gan_ba", "cycle_a", "cycle_b", "idt_ab", "idt_ba"]
 
 METRIC_COLUMNS = [
@@ -95,10 +98,7 @@ class CycleGanConfig(GanConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("width", "blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+        self.check_counts("width", "blocks")
 
 
 def _lsgan(prediction: Tensor, real: bool) -> Tensor:
@@ -116,7 +116,7 @@ Batch = tuple[Tensor, Tensor]
 Fake = tuple[Tensor, Tensor]
 
 
-class UnpairedTranslationTask:
+class UnpairedTranslationTask(AdversarialTask):
     """MNIST (A) <-> Fashion-MNIST (B), for
     :func:`~lossbalance.experiments.gan.train_gan_run`.
 
@@ -134,6 +134,8 @@ class UnpairedTranslationTask:
 
     name = "cyclegan"
     metric = "fd_fmnist"
+    tensors = ("train_a", "train_b", "test_a", "test_b", "sample_a", "sample_b")
+    movable = ("fd_a", "fd_b")
 
     def __init__(
         self,
@@ -148,12 +150,10 @@ class UnpairedTranslationTask:
         samples: int = 8,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(TERM_NAMES, weights, int(domain_a.train_y.shape[0]))
         device = torch.device(device)
-        self.term_names = list(TERM_NAMES)
-        self.weights = weights
         self.width = width
         self.blocks = blocks
-        self.num_train = int(domain_a.train_y.shape[0])
         self.train_a = domain_a.train_x.unsqueeze(1).to(device)
         self.train_b = domain_b.train_x.unsqueeze(1).to(device)
         self.test_a = domain_a.test_x.unsqueeze(1).to(device)
@@ -163,12 +163,6 @@ class UnpairedTranslationTask:
         self.fd_a = FrechetScorer(self.test_a.float().div(255.0), classifier_a.to(device))
         self.sample_a = pick_samples(domain_a.test_y, samples).to(device)
         self.sample_b = pick_samples(domain_b.test_y, samples).to(device)
-
-    def to(self, device: torch.device) -> None:
-        for name in ("train_a", "train_b", "test_a", "test_b", "sample_a", "sample_b"):
-            setattr(self, name, getattr(self, name).to(device))
-        self.fd_a.to(device)
-        self.fd_b.to(device)
 
     def build_generator(self) -> nn.Module:
         return nn.ModuleDict(
@@ -180,9 +174,6 @@ class UnpairedTranslationTask:
 
     def build_discriminator(self) -> nn.Module:
         return nn.ModuleDict({"a": PatchDiscriminator(1), "b": PatchDiscriminator(1)})
-
-    def term_weights(self, balanced: bool) -> Tensor:
-        return torch.tensor(self.weights[0] if balanced else self.weights[1])
 
     def train_batch(self, index: Tensor) -> Batch:
         other = torch.randint(0, int(self.train_b.shape[0]), index.shape, device=index.device)
@@ -217,25 +208,22 @@ class UnpairedTranslationTask:
             F.l1_loss(g_ba(a), a),
         ]
 
-    @torch.no_grad()
     def _directions(
         self, generator: nn.Module, a: Tensor, b: Tensor, batch_size: int
     ) -> dict[str, Tensor]:
         """Translations of uint8 ``a`` and ``b`` in [0, 1]: ``ab`` (A -> B), ``aba``
         (A -> B -> A), ``ba``, ``bab``."""
-        was_training = generator.training
-        generator.eval()
         g_ab, g_ba = _pair(generator, "ab", "ba")
         out: dict[str, list[Tensor]] = {"ab": [], "aba": [], "ba": [], "bab": []}
-        for part in a.split(batch_size):
-            fake_b = g_ab(to_unit(part))
-            out["ab"].append(fake_b)
-            out["aba"].append(g_ba(fake_b))
-        for part in b.split(batch_size):
-            fake_a = g_ba(to_unit(part))
-            out["ba"].append(fake_a)
-            out["bab"].append(g_ab(fake_a))
-        generator.train(was_training)
+        with evaluating(generator):
+            for part in a.split(batch_size):
+                fake_b = g_ab(to_unit(part))
+                out["ab"].append(fake_b)
+                out["aba"].append(g_ba(fake_b))
+            for part in b.split(batch_size):
+                fake_a = g_ba(to_unit(part))
+                out["ba"].append(fake_a)
+                out["bab"].append(g_ab(fake_a))
         return {k: torch.cat(v).add(1.0).div(2.0) for k, v in out.items()}
 
     def evaluate(self, generator: nn.Module, batch_size: int = 500) -> dict[str, float]:
@@ -265,11 +253,6 @@ class UnpairedTranslationTask:
         return [("input: MNIST | Fashion", encode_images(np.concatenate([a, b])))]
 
 
-def method_names(cfg: CycleGanConfig) -> list[str]:
-    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
-    return expand_methods(cfg.methods, list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS)
-
-
 def run(
     cfg: CycleGanConfig,
     *,
@@ -277,58 +260,32 @@ def run(
     on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> ExperimentResult:
     """Run the CycleGAN experiment; raises ``DatasetNotFoundError`` without the data."""
-    cfg.validate()
-    weights = cfg.weights(BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
-    specs = resolve_methods(method_names(cfg), weighted=True)
-    train_cfg = cfg.gan_train_config()
-    full = {}
-    for name in ("mnist", "fashion-mnist"):
-        full[name] = load_idx_dataset(
-            name, Path(cfg.data_dir), download=cfg.download, verify=cfg.verify
-        )
-    classifier_a, info_a = cfg.feature_classifier(full["mnist"], train_cfg.device, "mnist")
-    classifier_b, info_b = cfg.feature_classifier(full["fashion-mnist"], train_cfg.device)
-    domain_a = full["mnist"].limit(cfg.train_limit, cfg.test_limit)
-    domain_b = full["fashion-mnist"].limit(cfg.train_limit, cfg.test_limit)
+    setup = GanSetup.load(cfg, BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
+    domain_a, domain_b = setup.data["mnist"], setup.data["fashion-mnist"]
+    info_a, info_b = setup.classifier_info["mnist"], setup.classifier_info["fashion-mnist"]
     task = UnpairedTranslationTask(
         domain_a,
         domain_b,
-        classifier_a,
-        classifier_b,
-        weights,
+        setup.classifiers["mnist"],
+        setup.classifiers["fashion-mnist"],
+        setup.weights,
         width=cfg.width,
         blocks=cfg.blocks,
         samples=cfg.samples,
-        device=train_cfg.device,
+        device=setup.device,
     )
-    seeds = cfg.seed_list()
-    runs = run_gan_experiment(
-        task,
-        specs,
-        seeds,
-        train_cfg,
-        previous=previous,
-        on_run=on_run,
-        classifier=f"{info_b['weights_sha256']}+{info_a['weights_sha256']}",
-    )
-    config = {**asdict(cfg), "device": str(train_cfg.device), "methods": [s.name for s in specs]}
-    config.update(
-        train_size=task.num_train,
-        test_size=int(domain_a.test_y.shape[0]),
-        weights={"balanced": list(weights[0]), "unbalanced": list(weights[1])},
-        classifier={"fashion-mnist": info_b, "mnist": info_a},
-    )
+    digest = f"{info_b['weights_sha256']}+{info_a['weights_sha256']}"
+    runs = setup.train(task, previous=previous, on_run=on_run, classifier=digest)
+    test_size = int(domain_a.test_y.shape[0])
     notes = [
         f"Unpaired MNIST (A) <-> Fashion-MNIST (B), 28x28; {task.num_train} training images "
-        f"per domain, {config['test_size']} test images per domain.",
+        f"per domain, {test_size} test images per domain.",
         f"Generators: CycleGAN ResNet (width {cfg.width}, {cfg.blocks} residual blocks); "
         "discriminators: unconditional PatchGANs, least-squares GAN loss, no image pool, "
-        f"Adam (lr {train_cfg.d_lr or cfg.lr:g}, betas ({cfg.beta1:g}, 0.999)). "
-        f"{cfg.epochs} epoch(s), batch {cfg.batch_size}, generator lr {cfg.lr:g} for every row "
-        f"(Adam/MTAdam beta1 {cfg.beta1:g}, SGD-M momentum 0.9, RMSProp torch defaults).",
+        + cfg.optimizers_note(),
         "Terms (in order; MTAdam's anchor is the first): "
         + ", ".join(TERM_NAMES)
-        + f"; Balanced rows λ = {weights[0]}, Unbalanced rows λ = {weights[1]}.",
+        + f"; {setup.weights_note()}.",
         "FD-FMNIST: Fréchet distance between the Fashion-MNIST classifier's 128-d features of "
         "G_AB(MNIST test) and of the real Fashion-MNIST test images (not FID); FD-MNIST the "
         "same for G_BA(Fashion test) with the classifier trained on MNIST. Classifiers: "
@@ -340,18 +297,14 @@ def run(
     title = "CycleGAN-style unpaired MNIST <-> Fashion-MNIST (MTAdam paper's CycleGAN protocol)"
     if cfg.ablation:
         title = "CycleGAN-style unpaired MNIST <-> Fashion-MNIST: MTAdam ablations"
-    return gan_result(
-        "cyclegan",
-        title,
-        config,
-        specs,
-        seeds,
+    return setup.result(
+        task,
         runs,
-        metric="fd_fmnist",
+        title=title,
         metric_label="FD-FMNIST of MNIST -> Fashion-MNIST",
         columns=METRIC_COLUMNS,
         plot_keys=[c[0] for c in METRIC_COLUMNS],
-        term_names=list(TERM_NAMES),
         notes=notes,
-        sample_images=task.sample_references(),
+        test_size=test_size,
+        classifier={"fashion-mnist": info_b, "mnist": info_a},
     )

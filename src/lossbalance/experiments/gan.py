@@ -1,4 +1,5 @@
-"""The training loop of the adversarial experiments (pix2pix, SRGAN, CycleGAN).
+"""The training loop and the shared plumbing of the adversarial experiments (pix2pix, SRGAN,
+CycleGAN).
 
 Each step of a run:
 
@@ -16,42 +17,45 @@ D). The run records have the fields of :func:`lossbalance.experiments.harness.tr
 loss in the trace, the mean training losses (unweighted terms, ``train_<term>``, and
 ``train_d``) since the previous evaluation in each ``history`` entry, and a few test
 outputs of the final generator (``samples``) for the grid of samples.
+
+An experiment module keeps its task, networks, weights, notes and table columns; its
+``run`` is :meth:`GanSetup.load` (settings, rows, data, feature classifiers), the task,
+:meth:`GanSetup.train` and :meth:`GanSetup.result`.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-import lossbalance
-from lossbalance._registry import get_method
 from lossbalance.experiments.data import ClassificationData, load_idx_dataset
 from lossbalance.experiments.harness import (
     ExperimentConfig,
     Stepper,
     TrainConfig,
-    _BalancerStepper,
     _bar,
     _floats,
-    _MultiTermOptimizerStepper,
-    _SumStepper,
-    _sync,
-    _term_logger,
+    make_stepper,
     resolve_device,
-    run_key,
+    run_all,
     seed_everything,
+    train_loop,
 )
-from lossbalance.experiments.methods import MethodSpec
+from lossbalance.experiments.methods import ABLATIONS, MethodSpec, resolve_methods
+from lossbalance.experiments.mnist import expand_methods
 from lossbalance.experiments.report import (
     ExperimentResult,
+    cost_cells,
+    cost_headers,
     encode_images,
     format_mean_std,
     markdown_table,
@@ -66,14 +70,32 @@ from lossbalance.experiments.synthesis import (
 )
 
 __all__ = [
+    "DEFAULT_METHODS",
+    "AdversarialTask",
     "GanConfig",
+    "GanSetup",
     "GanTask",
     "GanTrainConfig",
+    "bce_gan_loss",
+    "evaluating",
     "gan_result",
     "make_generator_stepper",
+    "method_names",
     "run_gan_experiment",
     "train_gan_run",
 ]
+
+#: a table column: (metric key, header, decimals)
+Column = tuple[str, str, int]
+
+#: the rows of every adversarial experiment: Balanced-Adam and the four unbalanced ones
+DEFAULT_METHODS = ["balanced-adam", "sgd-m", "rmsprop", "adam", "mtadam"]
+
+
+def bce_gan_loss(logits: Tensor, real: bool) -> Tensor:
+    """The vanilla GAN loss: binary cross-entropy of the logits against "real" or "fake"."""
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return F.binary_cross_entropy_with_logits(logits, target)
 
 
 class GanTask(Protocol):
@@ -81,7 +103,8 @@ class GanTask(Protocol):
 
     ``generator_terms`` returns the K unweighted terms; the loop multiplies them by the
     row's weights (``term_weights``). ``samples`` returns uint8 images ``(S, H, W)``: the
-    generator's outputs for the task's fixed sample inputs.
+    generator's outputs for the task's fixed sample inputs; ``sample_references`` the
+    grid's first rows (``(label, encoded images)``: the inputs, the targets).
     """
 
     name: str
@@ -110,6 +133,61 @@ class GanTask(Protocol):
     def evaluate(self, generator: nn.Module, batch_size: int = 500) -> dict[str, float]: ...
 
     def samples(self, generator: nn.Module) -> np.ndarray: ...
+
+    def sample_references(self) -> list[tuple[str, dict[str, Any]]]: ...
+
+
+class AdversarialTask:
+    """The bookkeeping that the adversarial tasks share (a base for a :class:`GanTask`).
+
+    A subclass sets ``name`` and ``metric``, lists in ``tensors`` the attributes that hold
+    tensors and in ``movable`` those moved in place by their own ``to(device)``
+    (evaluators), and calls ``super().__init__``.
+
+    Args:
+        term_names: the K generator terms, in order.
+        weights: ``(balanced, unbalanced)`` term weights.
+        num_train: training examples (batches index them).
+    """
+
+    name: str
+    metric: str
+    #: attributes holding tensors: :meth:`to` replaces them by their copies on the device
+    tensors: ClassVar[tuple[str, ...]] = ()
+    #: attributes that :meth:`to` moves with their own ``to(device)``
+    movable: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        term_names: Sequence[str],
+        weights: tuple[tuple[float, ...], tuple[float, ...]],
+        num_train: int,
+    ) -> None:
+        self.term_names = list(term_names)
+        self.weights = weights
+        self.num_train = num_train
+
+    def to(self, device: torch.device) -> None:
+        for name in self.tensors:
+            setattr(self, name, getattr(self, name).to(device))
+        for name in self.movable:
+            getattr(self, name).to(device)
+
+    def term_weights(self, balanced: bool) -> Tensor:
+        return torch.tensor(self.weights[0] if balanced else self.weights[1])
+
+
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode and without gradients for the block, then back in the mode
+    it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
 
 
 @dataclass
@@ -171,10 +249,7 @@ class GanConfig(ExperimentConfig):
             raise ValueError(f"Invalid beta1: {self.beta1} (expected 0 <= beta1 < 1)")
         if self.d_lr is not None and not self.d_lr > 0:
             raise ValueError(f"Invalid d_lr: {self.d_lr} (expected d_lr > 0)")
-        for name in ("classifier_epochs", "samples"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+        self.check_counts("classifier_epochs", "samples")
         limit = self.classifier_train_limit
         if limit is not None and (not isinstance(limit, int) or limit < 2):
             raise ValueError(
@@ -196,18 +271,35 @@ class GanConfig(ExperimentConfig):
         base = self.train_config()
         return GanTrainConfig(**vars(base), beta1=self.beta1, d_lr=self.d_lr)
 
-    #: datasets whose feature classifier the experiment uses
+    #: the datasets the experiment loads, each with its feature classifier
     classifier_datasets: ClassVar[tuple[str, ...]] = ("fashion-mnist",)
 
     def prepare(self) -> None:
         """Train and cache every feature classifier the experiment uses, so that parallel
         runs (``--jobs``) all load the same cached file instead of each training one."""
-        device = resolve_device(self.device)
+        self.load_datasets(resolve_device(self.device))
+
+    def load_datasets(
+        self, device: torch.device
+    ) -> dict[str, tuple[ClassificationData, FashionClassifier, dict[str, Any]]]:
+        """Each of :attr:`classifier_datasets` (whole) with its cached feature classifier
+        and the classifier's record (see :meth:`feature_classifier`)."""
+        out = {}
         for dataset in self.classifier_datasets:
             full = load_idx_dataset(
                 dataset, Path(self.data_dir), download=self.download, verify=self.verify
             )
-            self.feature_classifier(full, device, dataset)
+            out[dataset] = (full, *self.feature_classifier(full, device, dataset))
+        return out
+
+    def optimizers_note(self) -> str:
+        """The table note's sentence on the discriminator's Adam and the rows' optimizers."""
+        return (
+            f"Adam (lr {self.d_lr or self.lr:g}, betas ({self.beta1:g}, 0.999)). "
+            f"{self.epochs} epoch(s), batch {self.batch_size}, generator lr {self.lr:g} for "
+            f"every row (Adam/MTAdam beta1 {self.beta1:g}, SGD-M momentum 0.9, RMSProp torch "
+            "defaults)."
+        )
 
     def feature_classifier(
         self, data: ClassificationData, device: torch.device, dataset: str = "fashion-mnist"
@@ -245,35 +337,76 @@ class GanConfig(ExperimentConfig):
         return out[0], out[1]
 
 
+def method_names(cfg: GanConfig) -> list[str]:
+    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows:
+    :data:`DEFAULT_METHODS`, or MTAdam's ablations when ``cfg.ablation``)."""
+    return expand_methods(cfg.methods, list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS)
+
+
 def make_generator_stepper(
     spec: MethodSpec, generator: nn.Module, cfg: GanTrainConfig, num_terms: int
 ) -> Stepper:
     """The generator's optimizer of a row: Adam and MTAdam with ``betas[0] = beta1``,
     SGD with momentum 0.9, RMSProp with torch's defaults, all at ``cfg.lr``."""
-    params = list(generator.parameters())
-    betas = (cfg.beta1, 0.999)
-    if spec.kind == "optimizer":
-        opt: torch.optim.Optimizer
-        if spec.base == "sgd-m":
-            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
-        elif spec.base == "rmsprop":
-            opt = torch.optim.RMSprop(params, lr=cfg.lr)
-        elif spec.base == "adam":
-            opt = torch.optim.Adam(params, lr=cfg.lr, betas=betas)
-        else:
-            raise ValueError(
-                f"Invalid optimizer: {spec.base!r} (expected one of 'sgd-m', 'rmsprop', 'adam')"
-            )
-        return _SumStepper(opt)
-    if spec.kind == "mtadam":
-        mtadam = lossbalance.MTAdam(params, lr=cfg.lr, betas=(*betas, 0.9), **spec.options)
-        return _MultiTermOptimizerStepper(mtadam)
-    if spec.kind == "registry-optimizer":
-        opt_cls = get_method(spec.base).factory(num_terms, **spec.options)
-        return _MultiTermOptimizerStepper(opt_cls(params, lr=cfg.lr))
-    balancer = lossbalance.create(spec.base, num_terms, **spec.options).to(cfg.device)
-    optimizer = torch.optim.Adam([*params, *balancer.parameters()], lr=cfg.lr, betas=betas)
-    return _BalancerStepper(optimizer, balancer, generator, use_features=False)
+    return make_stepper(spec, generator, None, cfg, num_terms, betas=(cfg.beta1, 0.999))
+
+
+class _AdversarialStep:
+    """One step of a run (discriminator, then generator), and the means of the unweighted
+    terms and of the discriminator loss since the previous evaluation."""
+
+    def __init__(
+        self,
+        task: GanTask,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        d_opt: torch.optim.Optimizer,
+        stepper: Stepper,
+        weights: Tensor,
+    ) -> None:
+        self.task = task
+        self.generator = generator
+        self.discriminator = discriminator
+        self.d_opt = d_opt
+        self.stepper = stepper
+        self.weights = weights
+        self.d_loss = torch.zeros(())
+        # running sums of the unweighted terms and of the discriminator loss
+        self.running = torch.zeros(
+            int(weights.shape[0]) + 1, dtype=torch.float64, device=weights.device
+        )
+        self.running_steps = 0
+
+    def __call__(self, index: Tensor) -> Tensor:
+        task, discriminator = self.task, self.discriminator
+        batch = task.train_batch(index)
+        fake = task.generate(self.generator, batch)
+
+        discriminator.requires_grad_(True)
+        d_loss = task.discriminator_loss(discriminator, batch, fake)
+        self.d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.d_opt.step()
+        self.d_loss = d_loss.detach()
+
+        discriminator.requires_grad_(False)
+        raw = task.generator_terms(self.generator, discriminator, batch, fake)
+        terms = [w * t for w, t in zip(self.weights.unbind(0), raw, strict=True)]
+        values = torch.stack([t.detach().reshape(()) for t in terms])
+        raw_values = torch.stack([t.detach().reshape(()) for t in raw])
+        self.running += torch.cat([raw_values, self.d_loss.reshape(1)]).double()
+        self.running_steps += 1
+        self.stepper.step(terms, None)
+        return values
+
+    def train_means(self) -> dict[str, float]:
+        """``train_<term>`` and ``train_d`` since the previous call."""
+        means = _floats(self.running / max(1, self.running_steps))
+        self.running.zero_()
+        self.running_steps = 0
+        train = {f"train_{k}": v for k, v in zip(self.task.term_names, means, strict=False)}
+        train["train_d"] = means[-1]
+        return train
 
 
 def train_gan_run(
@@ -298,127 +431,28 @@ def train_gan_run(
     generator.train()
     discriminator.train()
     weights = task.term_weights(spec.balanced).to(device)
-    num_terms = int(weights.shape[0])
-    stepper = make_generator_stepper(spec, generator, cfg, num_terms)
+    stepper = make_generator_stepper(spec, generator, cfg, int(weights.shape[0]))
     d_params = list(discriminator.parameters())
     d_opt = torch.optim.Adam(d_params, lr=cfg.d_lr or cfg.lr, betas=(cfg.beta1, 0.999))
-    order_gen = torch.Generator().manual_seed(seed)
-
-    n = task.num_train
-    batches_per_epoch = math.ceil(n / cfg.batch_size)
-    if cfg.max_batches is not None:
-        batches_per_epoch = min(batches_per_epoch, cfg.max_batches)
-    total_steps = batches_per_epoch * cfg.epochs
-    trace_every = max(1, total_steps // max(1, cfg.trace_points))
-    evals = max(1, cfg.evals_per_epoch)
-    eval_after = {max(1, round((j + 1) * batches_per_epoch / evals)) for j in range(evals)}
-
-    history: list[dict[str, float]] = [
-        {"epoch": 0.0, "step": 0, **task.evaluate(generator, cfg.eval_batch_size)}
-    ]
-    trace: dict[str, list[Any]] = {
-        "step": [],
-        "losses": [],
-        "weights": [],
-        "magnitudes": [],
-        "d_loss": [],
-    }
-    logger = _term_logger(cfg.log_dir, group, label or spec.label, seed)
-    nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-    # running sums of the unweighted terms and of the discriminator loss, read at evaluations
-    running = torch.zeros(num_terms + 1, dtype=torch.float64, device=device)
-    running_steps = 0
-    train_time = 0.0
-    step = 0
-    row = label or spec.label
-    bar = _bar(total_steps, f"{row} s{seed}", cfg.progress, position, leave=False)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=order_gen)[: batches_per_epoch * cfg.batch_size]
-        _sync(device)
-        start = time.perf_counter()
-        for b, index in enumerate(order.split(cfg.batch_size)):
-            batch = task.train_batch(index.to(device))
-            fake = task.generate(generator, batch)
-
-            discriminator.requires_grad_(True)
-            d_loss = task.discriminator_loss(discriminator, batch, fake)
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-
-            discriminator.requires_grad_(False)
-            raw = task.generator_terms(generator, discriminator, batch, fake)
-            terms = [w * t for w, t in zip(weights.unbind(0), raw, strict=True)]
-            values = torch.stack([t.detach().reshape(()) for t in terms])
-            raw_values = torch.stack([t.detach().reshape(()) for t in raw])
-            nonfinite += (~torch.isfinite(values).all()).long()
-            running += torch.cat([raw_values, d_loss.detach().reshape(1)]).double()
-            running_steps += 1
-            stepper.step(terms, None)
-            step += 1
-            bar.update()
-            record = step % trace_every == 0 or step == 1
-            evaluate = (b + 1) in eval_after
-            if record or evaluate:
-                _sync(device)
-                train_time += time.perf_counter() - start
-                if record:
-                    trace["step"].append(step)
-                    trace["losses"].append(_floats(values))
-                    trace["d_loss"].append(float(d_loss.detach()))
-                    w = stepper.weights()
-                    trace["weights"].append(None if w is None else _floats(w))
-                    m = stepper.magnitudes()
-                    trace["magnitudes"].append(None if m is None else _floats(m))
-                    if logger is not None:
-                        logger.log(values, weights=w, magnitudes=m, step=step)
-                if evaluate:
-                    means = _floats(running / max(1, running_steps))
-                    running.zero_()
-                    running_steps = 0
-                    train = {f"train_{k}": v for k, v in zip(task.term_names, means, strict=False)}
-                    train["train_d"] = means[-1]
-                    metrics = task.evaluate(generator, cfg.eval_batch_size)
-                    history.append(
-                        {
-                            "epoch": epoch + (b + 1) / batches_per_epoch,
-                            "step": step,
-                            **metrics,
-                            **train,
-                        }
-                    )
-                    bar.set_postfix_str(f"{task.metric}={metrics[task.metric]:.4g}")
-                start = time.perf_counter()
-        _sync(device)
-        train_time += time.perf_counter() - start
-    bar.close()
-    if logger is not None:
-        logger.close()
-    for key in ("weights", "magnitudes"):
-        if all(v is None for v in trace[key]):
-            trace[key] = []
-    final = {
-        k: v
-        for k, v in history[-1].items()
-        if k not in ("epoch", "step") and not k.startswith("train_")
-    }
-    return {
-        "row": row,
-        "method": spec.name,
-        "kind": spec.kind,
-        "group": group,
-        "seed": seed,
-        "term_weights": _floats(weights),
-        "history": history,
-        "final": final,
-        "steps": step,
-        "train_time_s": train_time,
-        "time_per_iter_s": train_time / max(1, step),
-        "nonfinite_steps": int(nonfinite),
-        "skipped_steps": stepper.skipped_steps(),
-        "trace": trace,
-        "samples": encode_images(task.samples(generator)),
-    }
+    step = _AdversarialStep(task, generator, discriminator, d_opt, stepper, weights)
+    record = train_loop(
+        task.num_train,
+        step,
+        lambda: task.evaluate(generator, cfg.eval_batch_size),
+        stepper,
+        spec,
+        seed,
+        weights,
+        cfg,
+        metric=task.metric,
+        group=group,
+        label=label,
+        position=position,
+        interval=step.train_means,
+        trace_extra={"d_loss": lambda: float(step.d_loss)},
+    )
+    record["samples"] = encode_images(task.samples(generator))
+    return record
 
 
 def run_gan_experiment(
@@ -438,43 +472,136 @@ def run_gan_experiment(
     (the feature classifier's weight digest) is stored in each new record, so that a
     report can tell when resumed runs were measured with another classifier.
     """
-    seeds = list(seeds)
-    previous = previous or {}
-    outer = _bar(len(specs) * len(seeds), "runs", cfg.progress, 0, leave=True)
-    runs = []
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        moved = False
-        for spec in specs:
-            for seed in seeds:
-                key = run_key(None, spec.label, seed)
-                if key in previous:
-                    runs.append(previous[key])
-                else:
-                    if not moved:
-                        task.to(cfg.device)
-                        moved = True
-                    record = train_gan_run(task, spec, seed, cfg, label=spec.label, position=1)
-                    record["classifier"] = classifier
-                    runs.append(record)
-                    if on_run is not None:
-                        on_run(record)
-                outer.update()
-    finally:
-        torch.set_num_threads(threads)
-        outer.close()
-    return runs
+
+    def train(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {**train_gan_run(*args, **kwargs), "classifier": classifier}
+
+    return run_all([(None, task)], specs, seeds, cfg, train, previous=previous, on_run=on_run)
 
 
-#: a table column: (metric key, header, decimals)
-Column = tuple[str, str, int]
+@dataclass
+class GanSetup:
+    """What every adversarial experiment's ``run`` starts from: the checked settings, the
+    term weights, the rows, the training settings, the seeds, and each dataset (limited to
+    ``train_limit`` / ``test_limit``) with its feature classifier and that classifier's
+    record.
 
+    Attributes:
+        cfg: the experiment's settings.
+        weights: ``(balanced, unbalanced)`` term weights.
+        specs: the rows.
+        train_cfg: the training settings (device resolved).
+        seeds: run seeds.
+        data: dataset name -> its (limited) data.
+        classifiers: dataset name -> its feature classifier.
+        classifier_info: dataset name -> the classifier's record (cache key, accuracy, ...).
+    """
 
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
+    cfg: GanConfig
+    weights: tuple[tuple[float, ...], tuple[float, ...]]
+    specs: list[MethodSpec]
+    train_cfg: GanTrainConfig
+    seeds: list[int]
+    data: dict[str, ClassificationData]
+    classifiers: dict[str, FashionClassifier]
+    classifier_info: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(
+        cls, cfg: GanConfig, balanced: Sequence[float], unbalanced: Sequence[float]
+    ) -> GanSetup:
+        """Check ``cfg``, resolve its weights (defaults ``balanced``, ``unbalanced``) and
+        rows, load its datasets and feature classifiers; raises ``DatasetNotFoundError``
+        without the data."""
+        cfg.validate()
+        weights = cfg.weights(balanced, unbalanced)
+        specs = resolve_methods(method_names(cfg), weighted=True)
+        train_cfg = cfg.gan_train_config()
+        loaded = cfg.load_datasets(train_cfg.device)
+        return cls(
+            cfg=cfg,
+            weights=weights,
+            specs=specs,
+            train_cfg=train_cfg,
+            seeds=cfg.seed_list(),
+            data={
+                k: full.limit(cfg.train_limit, cfg.test_limit) for k, (full, _, _) in loaded.items()
+            },
+            classifiers={k: model for k, (_, model, _) in loaded.items()},
+            classifier_info={k: info for k, (_, _, info) in loaded.items()},
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_cfg.device
+
+    def weights_note(self) -> str:
+        """The table note's words on the weights of the two kinds of row."""
+        return f"Balanced rows λ = {self.weights[0]}, Unbalanced rows λ = {self.weights[1]}"
+
+    def train(
+        self,
+        task: GanTask,
+        *,
+        previous: Mapping[str, dict[str, Any]] | None = None,
+        on_run: Callable[[dict[str, Any]], None] | None = None,
+        classifier: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """:func:`run_gan_experiment` of every row and seed."""
+        return run_gan_experiment(
+            task,
+            self.specs,
+            self.seeds,
+            self.train_cfg,
+            previous=previous,
+            on_run=on_run,
+            classifier=classifier,
+        )
+
+    def result(
+        self,
+        task: GanTask,
+        runs: list[dict[str, Any]],
+        *,
+        title: str,
+        metric_label: str,
+        columns: Sequence[Column],
+        plot_keys: Sequence[str],
+        notes: Sequence[str],
+        test_size: int,
+        classifier: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> ExperimentResult:
+        """:func:`gan_result` of the runs of ``task`` (its name, main metric, term names
+        and reference samples); the config records the settings, the resolved device and
+        rows, the data sizes, the weights and ``classifier`` (the classifiers' records)."""
+        config = {
+            **asdict(self.cfg),
+            "device": str(self.device),
+            "methods": [s.name for s in self.specs],
+        }
+        config.update(
+            train_size=task.num_train,
+            test_size=test_size,
+            weights={"balanced": list(self.weights[0]), "unbalanced": list(self.weights[1])},
+            classifier=classifier,
+        )
+        return gan_result(
+            task.name,
+            title,
+            config,
+            self.specs,
+            self.seeds,
+            runs,
+            metric=task.metric,
+            metric_label=metric_label,
+            columns=columns,
+            plot_keys=plot_keys,
+            term_names=list(task.term_names),
+            notes=notes,
+            sample_images=task.sample_references(),
+            extra=extra,
+        )
 
 
 def gan_result(
@@ -499,24 +626,15 @@ def gan_result(
     rows = [s.label for s in specs]
     by_row = {row: [r for r in runs if r["row"] == row] for row in rows}
     summary = {row: summarize([r["final"][metric] for r in by_row[row]]) for row in rows}
-    headers = ["Method", *(header for _, header, _ in columns), "n", "ms / iter"]
-    headers.append("non-finite steps / run")
     has_skips = any(r["skipped_steps"] is not None for r in runs)
-    if has_skips:
-        headers.append("MTAdam skipped steps / run")
+    headers = ["Method", *(header for _, header, _ in columns), *cost_headers(has_skips)]
     table_rows = []
     for row in rows:
         row_runs = by_row[row]
         cells: list[Any] = [row]
         for key, _, digits in columns:
             cells.append(format_mean_std(summarize([r["final"][key] for r in row_runs]), digits))
-        ms = 1000 * (_mean([r["time_per_iter_s"] for r in row_runs]) or float("nan"))
-        nonfinite = _mean([float(r["nonfinite_steps"]) for r in row_runs])
-        cells += [len(row_runs), f"{ms:.2f}", "-" if nonfinite is None else f"{nonfinite:.1f}"]
-        if has_skips:
-            skipped = _mean([r["skipped_steps"] for r in row_runs])
-            cells.append("-" if skipped is None else f"{skipped:.1f}")
-        table_rows.append(cells)
+        table_rows.append(cells + cost_cells(row_runs, has_skips))
     body = [markdown_table(headers, table_rows), ""]
     body += [f"- {note}" for note in notes]
     body.append(

@@ -38,9 +38,11 @@ __all__ = [
     "TrainConfig",
     "make_stepper",
     "resolve_device",
+    "run_all",
     "run_experiment",
     "run_key",
     "seed_everything",
+    "train_loop",
     "train_run",
 ]
 
@@ -192,37 +194,54 @@ class _BalancerStepper:
         return None
 
 
-def _torch_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def _torch_optimizer(
+    name: str, params: list[nn.Parameter], lr: float, adam: Mapping[str, Any]
+) -> torch.optim.Optimizer:
     if name == "sgd-m":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, **adam)
     raise ValueError(f"Invalid optimizer: {name!r} (expected one of 'sgd-m', 'rmsprop', 'adam')")
 
 
 def make_stepper(
-    spec: MethodSpec, model: nn.Module, task: Task, cfg: TrainConfig, num_terms: int
+    spec: MethodSpec,
+    model: nn.Module,
+    task: Task | None,
+    cfg: TrainConfig,
+    num_terms: int,
+    *,
+    betas: tuple[float, float] | None = None,
 ) -> Stepper:
-    """Build the optimizer (and balancer) of a row for a fresh model."""
+    """Build the optimizer (and balancer) of a row for a fresh model.
+
+    SGD has momentum 0.9, RMSProp torch's defaults, every optimizer ``cfg.lr``. A balancer
+    balances the gradients of ``task.shared(model)`` (of the whole model when ``task`` is
+    ``None``). ``betas``: (beta1, beta2) of Adam and MTAdam (MTAdam's beta3 stays 0.9);
+    ``None`` keeps their defaults.
+    """
     params = list(model.parameters())
+    adam: dict[str, Any] = {} if betas is None else {"betas": betas}
     if spec.kind == "optimizer":
-        return _SumStepper(_torch_optimizer(spec.base, params, cfg.lr))
+        return _SumStepper(_torch_optimizer(spec.base, params, cfg.lr, adam))
     if spec.kind == "mtadam":
         mtadam = getattr(lossbalance, "MTAdam", None)
         if mtadam is None:
             raise RuntimeError("lossbalance.MTAdam is not available in this installation")
-        return _MultiTermOptimizerStepper(mtadam(params, lr=cfg.lr, **spec.options))
+        mt_betas: dict[str, Any] = {} if betas is None else {"betas": (*betas, 0.9)}
+        return _MultiTermOptimizerStepper(mtadam(params, lr=cfg.lr, **mt_betas, **spec.options))
     if spec.kind == "registry-optimizer":
         opt_cls = get_method(spec.base).factory(num_terms, **spec.options)
         return _MultiTermOptimizerStepper(opt_cls(params, lr=cfg.lr))
     if not hasattr(lossbalance, "backward"):
         raise RuntimeError("lossbalance.backward is not available in this installation")
     balancer = lossbalance.create(spec.base, num_terms, **spec.options).to(cfg.device)
-    optimizer = torch.optim.Adam([*params, *balancer.parameters()], lr=cfg.lr)
+    optimizer = torch.optim.Adam([*params, *balancer.parameters()], lr=cfg.lr, **adam)
     use_features = cfg.grad_source == "features" and getattr(balancer, "kind", "") == "gradient"
-    return _BalancerStepper(optimizer, balancer, task.shared(model), use_features)
+    shared = model if task is None else task.shared(model)
+    return _BalancerStepper(optimizer, balancer, shared, use_features)
 
 
 class _NullBar:
@@ -281,12 +300,62 @@ def train_run(
     model = task.build_model().to(device)
     model.train()
     weights = task.term_weights(seed, spec.balanced).to(device)
-    num_terms = int(weights.shape[0])
-    stepper = make_stepper(spec, model, task, cfg, num_terms)
-    generator = torch.Generator().manual_seed(seed)
+    stepper = make_stepper(spec, model, task, cfg, int(weights.shape[0]))
 
-    n = task.num_train
-    batches_per_epoch = math.ceil(n / cfg.batch_size)
+    def step(batch_index: Tensor) -> Tensor:
+        terms, features = task.terms(model, task.train_batch(batch_index), weights)
+        values = torch.stack([t.detach().reshape(()) for t in terms])
+        stepper.step(terms, features)
+        return values
+
+    return train_loop(
+        task.num_train,
+        step,
+        lambda: task.evaluate(model, cfg.eval_batch_size),
+        stepper,
+        spec,
+        seed,
+        weights,
+        cfg,
+        metric=task.metric,
+        group=group,
+        label=label,
+        position=position,
+    )
+
+
+def train_loop(
+    num_train: int,
+    step: Callable[[Tensor], Tensor],
+    evaluate: Callable[[], dict[str, float]],
+    stepper: Stepper,
+    spec: MethodSpec,
+    seed: int,
+    weights: Tensor,
+    cfg: TrainConfig,
+    *,
+    metric: str,
+    group: str | None = None,
+    label: str | None = None,
+    position: int = 0,
+    interval: Callable[[], dict[str, float]] | None = None,
+    trace_extra: Mapping[str, Callable[[], Any]] | None = None,
+) -> dict[str, Any]:
+    """The epochs of one run: batches, evaluations, timing, trace and the run record.
+
+    The caller has seeded the run and built the model and ``stepper``. ``step`` takes the
+    batch's indices into the ``num_train`` training examples (on ``cfg.device``), takes
+    the optimisation step(s) and returns the K weighted term values (detached), which the
+    loop checks for finiteness and traces. ``evaluate`` returns the test metrics (the
+    ``final`` ones are those of the last evaluation; ``metric`` is shown on the progress
+    bar); ``interval``, if given, what else to store in each history entry after the first
+    (training means since the previous evaluation, say); ``trace_extra`` maps more trace
+    keys to what to record at each trace point. Returns the record described in
+    :func:`train_run`.
+    """
+    device = cfg.device
+    order_gen = torch.Generator().manual_seed(seed)
+    batches_per_epoch = math.ceil(num_train / cfg.batch_size)
     if cfg.max_batches is not None:
         batches_per_epoch = min(batches_per_epoch, cfg.max_batches)
     total_steps = batches_per_epoch * cfg.epochs
@@ -294,48 +363,55 @@ def train_run(
     evals = max(1, cfg.evals_per_epoch)
     eval_after = {max(1, round((j + 1) * batches_per_epoch / evals)) for j in range(evals)}
 
-    history: list[dict[str, float]] = [
-        {"epoch": 0.0, "step": 0, **task.evaluate(model, cfg.eval_batch_size)}
-    ]
+    metrics = evaluate()
+    history: list[dict[str, float]] = [{"epoch": 0.0, "step": 0, **metrics}]
+    extra = dict(trace_extra or {})
     trace: dict[str, list[Any]] = {"step": [], "losses": [], "weights": [], "magnitudes": []}
-    logger = _term_logger(cfg.log_dir, group, label or spec.label, seed)
+    trace.update({key: [] for key in extra})
+    row = label or spec.label
+    logger = _term_logger(cfg.log_dir, group, row, seed)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     train_time = 0.0
-    step = 0
-    row = label or spec.label
+    steps = 0
     bar = _bar(total_steps, f"{row} s{seed}", cfg.progress, position, leave=False)
     for epoch in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator)[: batches_per_epoch * cfg.batch_size]
+        order = torch.randperm(num_train, generator=order_gen)
+        order = order[: batches_per_epoch * cfg.batch_size]
         _sync(device)
         start = time.perf_counter()
         for b, index in enumerate(order.split(cfg.batch_size)):
-            batch = task.train_batch(index.to(device))
-            terms, features = task.terms(model, batch, weights)
-            values = torch.stack([t.detach().reshape(()) for t in terms])
+            values = step(index.to(device))
             nonfinite += (~torch.isfinite(values).all()).long()
-            stepper.step(terms, features)
-            step += 1
+            steps += 1
             bar.update()
-            record = step % trace_every == 0 or step == 1
-            evaluate = (b + 1) in eval_after
-            if record or evaluate:
+            record = steps % trace_every == 0 or steps == 1
+            evaluating = (b + 1) in eval_after
+            if record or evaluating:
                 _sync(device)
                 train_time += time.perf_counter() - start
                 if record:
-                    trace["step"].append(step)
+                    trace["step"].append(steps)
                     trace["losses"].append(_floats(values))
+                    for key, read in extra.items():
+                        trace[key].append(read())
                     w = stepper.weights()
                     trace["weights"].append(None if w is None else _floats(w))
                     m = stepper.magnitudes()
                     trace["magnitudes"].append(None if m is None else _floats(m))
                     if logger is not None:
-                        logger.log(values, weights=w, magnitudes=m, step=step)
-                if evaluate:
-                    metrics = task.evaluate(model, cfg.eval_batch_size)
+                        logger.log(values, weights=w, magnitudes=m, step=steps)
+                if evaluating:
+                    more = interval() if interval is not None else {}
+                    metrics = evaluate()
                     history.append(
-                        {"epoch": epoch + (b + 1) / batches_per_epoch, "step": step, **metrics}
+                        {
+                            "epoch": epoch + (b + 1) / batches_per_epoch,
+                            "step": steps,
+                            **metrics,
+                            **more,
+                        }
                     )
-                    bar.set_postfix_str(f"{task.metric}={metrics[task.metric]:.4g}")
+                    bar.set_postfix_str(f"{metric}={metrics[metric]:.4g}")
                 start = time.perf_counter()
         _sync(device)
         train_time += time.perf_counter() - start
@@ -345,7 +421,6 @@ def train_run(
     for key in ("weights", "magnitudes"):
         if all(v is None for v in trace[key]):
             trace[key] = []
-    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")}
     return {
         "row": row,
         "method": spec.name,
@@ -354,10 +429,10 @@ def train_run(
         "seed": seed,
         "term_weights": _floats(weights),
         "history": history,
-        "final": final,
-        "steps": step,
+        "final": dict(metrics),
+        "steps": steps,
         "train_time_s": train_time,
-        "time_per_iter_s": train_time / max(1, step),
+        "time_per_iter_s": train_time / max(1, steps),
         "nonfinite_steps": int(nonfinite),
         "skipped_steps": stepper.skipped_steps(),
         "trace": trace,
@@ -401,6 +476,26 @@ def run_experiment(
             :func:`run_key`; they are reused instead of trained again (``--resume``).
         on_run: called with each new record as soon as its run ends (checkpointing).
     """
+    return run_all(
+        tasks, specs, seeds, cfg, train_run, label=label, previous=previous, on_run=on_run
+    )
+
+
+def run_all(
+    tasks: Sequence[tuple[str | None, Any]],
+    specs: Sequence[MethodSpec],
+    seeds: Iterable[int],
+    cfg: TrainConfig,
+    train: Callable[..., dict[str, Any]],
+    *,
+    label: Callable[[MethodSpec, str | None], str] | None = None,
+    previous: Mapping[str, dict[str, Any]] | None = None,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`run_experiment` with another training function: ``train(task, spec, seed,
+    cfg, group=..., label=..., position=...)`` returns a run's record, as
+    :func:`train_run` does (the adversarial experiments pass theirs). Every task has
+    ``to(device)``; it is moved to ``cfg.device`` before its first new run."""
     seeds = list(seeds)
     previous = previous or {}
     total = len(tasks) * len(specs) * len(seeds)
@@ -422,9 +517,7 @@ def run_experiment(
                         if not moved:
                             task.to(cfg.device)
                             moved = True
-                        record = train_run(
-                            task, spec, seed, cfg, group=group, label=row, position=1
-                        )
+                        record = train(task, spec, seed, cfg, group=group, label=row, position=1)
                         runs.append(record)
                         if on_run is not None:
                             on_run(record)
@@ -480,16 +573,19 @@ class ExperimentConfig:
 
     def validate(self) -> None:
         """Check the values with torch-style messages."""
-        for name in ("seeds", "epochs", "batch_size", "evals_per_epoch", "jobs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
-        for name in ("max_batches", "train_limit", "test_limit", "threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+        self.check_counts("seeds", "epochs", "batch_size", "evals_per_epoch", "jobs")
+        self.check_counts("max_batches", "train_limit", "test_limit", "threads", optional=True)
         if not self.lr > 0:
             raise ValueError(f"Invalid lr: {self.lr} (expected lr > 0)")
+
+    def check_counts(self, *names: str, optional: bool = False) -> None:
+        """Check that the named settings are integers >= 1 (or ``None`` when ``optional``)."""
+        for name in names:
+            value = getattr(self, name)
+            if optional and value is None:
+                continue
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
 
     def seed_list(self) -> list[int]:
         return list(range(self.first_seed, self.first_seed + self.seeds))

@@ -23,8 +23,7 @@ the same protocol on Fashion-MNIST:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,14 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lossbalance.experiments.data import ClassificationData, load_idx_dataset
+from lossbalance.experiments.data import ClassificationData
 from lossbalance.experiments.gan import (
+    DEFAULT_METHODS,
+    AdversarialTask,
     GanConfig,
-    gan_result,
-    run_gan_experiment,
+    GanSetup,
+    bce_gan_loss,
+    evaluating,
+    method_names,
 )
-from lossbalance.experiments.methods import ABLATIONS, resolve_methods
-from lossbalance.experiments.mnist import expand_methods
 from lossbalance.experiments.report import ExperimentResult, encode_images
 from lossbalance.experiments.synthesis import (
     FashionClassifier,
@@ -66,7 +67,6 @@ __all__ = [
 #: (lambda_L1, lambda_GAN): pix2pix's prescribed weights, and the equal ones
 BALANCED_WEIGHTS = (100.0, 1.0)
 UNBALANCED_WEIGHTS = (100.0, 100.0)
-DEFAULT_METHODS = ["balanced-adam", "sgd-m", "rmsprop", "adam", "mtadam"]
 TERM_NAMES = ["l1", "gan"]
 
 #: (metric key, table header, decimals)
@@ -114,12 +114,7 @@ def _pad32(images: Tensor) -> Tensor:
     return F.pad(images, (2, 2, 2, 2))
 
 
-def _bce(logits: Tensor, real: bool) -> Tensor:
-    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
-    return F.binary_cross_entropy_with_logits(logits, target)
-
-
-class EdgesToImageTask:
+class EdgesToImageTask(AdversarialTask):
     """Fashion-MNIST edges -> image, for :func:`~lossbalance.experiments.gan.train_gan_run`.
 
     Args:
@@ -134,6 +129,8 @@ class EdgesToImageTask:
 
     name = "pix2pix"
     metric = "l1"
+    tensors = ("train_in", "train_out", "test_in", "sample_index")
+    movable = ("evaluator",)
 
     def __init__(
         self,
@@ -146,11 +143,9 @@ class EdgesToImageTask:
         samples: int = 10,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(TERM_NAMES, weights, int(data.train_y.shape[0]))
         device = torch.device(device)
-        self.term_names = list(TERM_NAMES)
-        self.weights = weights
         self.width = width
-        self.num_train = int(data.train_y.shape[0])
         self.train_in = _pad32(sobel_edges(data.train_x, edge_threshold)).unsqueeze(1).to(device)
         self.train_out = _pad32(data.train_x).unsqueeze(1).to(device)
         self.test_in = _pad32(sobel_edges(data.test_x, edge_threshold)).unsqueeze(1).to(device)
@@ -158,19 +153,11 @@ class EdgesToImageTask:
         self.evaluator = ImageEvaluator(targets, classifier.to(device))
         self.sample_index = pick_samples(data.test_y, samples).to(device)
 
-    def to(self, device: torch.device) -> None:
-        for name in ("train_in", "train_out", "test_in", "sample_index"):
-            setattr(self, name, getattr(self, name).to(device))
-        self.evaluator.to(device)
-
     def build_generator(self) -> nn.Module:
         return UNetGenerator(1, 1, width=self.width)
 
     def build_discriminator(self) -> nn.Module:
         return PatchDiscriminator(2)
-
-    def term_weights(self, balanced: bool) -> Tensor:
-        return torch.tensor(self.weights[0] if balanced else self.weights[1])
 
     def train_batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
         return to_unit(self.train_in[index]), to_unit(self.train_out[index])
@@ -183,7 +170,8 @@ class EdgesToImageTask:
     ) -> Tensor:
         x, y = batch
         return 0.5 * (
-            _bce(discriminator(x, y), True) + _bce(discriminator(x, fake.detach()), False)
+            bce_gan_loss(discriminator(x, y), True)
+            + bce_gan_loss(discriminator(x, fake.detach()), False)
         )
 
     def generator_terms(
@@ -194,15 +182,12 @@ class EdgesToImageTask:
         fake: Tensor,
     ) -> list[Tensor]:
         x, y = batch
-        return [F.l1_loss(fake, y), _bce(discriminator(x, fake), True)]
+        return [F.l1_loss(fake, y), bce_gan_loss(discriminator(x, fake), True)]
 
-    @torch.no_grad()
     def _outputs(self, generator: nn.Module, inputs: Tensor, batch_size: int) -> Tensor:
         """The generator's test outputs, central 28x28 crop, on the [0, 1] scale."""
-        was_training = generator.training
-        generator.eval()
-        out = torch.cat([generator(to_unit(part)) for part in inputs.split(batch_size)])
-        generator.train(was_training)
+        with evaluating(generator):
+            out = torch.cat([generator(to_unit(part)) for part in inputs.split(batch_size)])
         return out[..., 2:30, 2:30].add(1.0).div(2.0)
 
     def evaluate(self, generator: nn.Module, batch_size: int = 500) -> dict[str, float]:
@@ -223,11 +208,6 @@ class EdgesToImageTask:
         ]
 
 
-def method_names(cfg: Pix2PixConfig) -> list[str]:
-    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
-    return expand_methods(cfg.methods, list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS)
-
-
 def run(
     cfg: Pix2PixConfig,
     *,
@@ -235,74 +215,46 @@ def run(
     on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> ExperimentResult:
     """Run the pix2pix experiment; raises ``DatasetNotFoundError`` without the data."""
-    cfg.validate()
-    weights = cfg.weights(BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
-    specs = resolve_methods(method_names(cfg), weighted=True)
-    train_cfg = cfg.gan_train_config()
-    full = load_idx_dataset(
-        "fashion-mnist", Path(cfg.data_dir), download=cfg.download, verify=cfg.verify
-    )
-    classifier, classifier_info = cfg.feature_classifier(full, train_cfg.device)
-    data = full.limit(cfg.train_limit, cfg.test_limit)
+    setup = GanSetup.load(cfg, BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
+    data = setup.data["fashion-mnist"]
+    info = setup.classifier_info["fashion-mnist"]
     task = EdgesToImageTask(
         data,
-        classifier,
-        weights,
+        setup.classifiers["fashion-mnist"],
+        setup.weights,
         edge_threshold=cfg.edge_threshold,
         width=cfg.width,
         samples=cfg.samples,
-        device=train_cfg.device,
+        device=setup.device,
     )
-    seeds = cfg.seed_list()
-    runs = run_gan_experiment(
-        task,
-        specs,
-        seeds,
-        train_cfg,
-        previous=previous,
-        on_run=on_run,
-        classifier=classifier_info["weights_sha256"],
-    )
-    config = {**asdict(cfg), "device": str(train_cfg.device), "methods": [s.name for s in specs]}
-    config.update(
-        train_size=task.num_train,
-        test_size=int(data.test_y.shape[0]),
-        weights={"balanced": list(weights[0]), "unbalanced": list(weights[1])},
-        classifier=classifier_info,
-    )
+    runs = setup.train(task, previous=previous, on_run=on_run, classifier=info["weights_sha256"])
+    test_size = int(data.test_y.shape[0])
     notes = [
         f"Fashion-MNIST, binary Sobel edges (threshold {cfg.edge_threshold:g} of the image's "
         f"largest gradient) -> image, padded to 32x32; {task.num_train} training / "
-        f"{config['test_size']} test images.",
+        f"{test_size} test images.",
         f"Generator: U-Net (width {cfg.width}); discriminator: conditional PatchGAN, vanilla "
-        f"GAN loss, Adam (lr {train_cfg.d_lr or cfg.lr:g}, betas ({cfg.beta1:g}, 0.999)). "
-        f"{cfg.epochs} epoch(s), batch {cfg.batch_size}, generator lr {cfg.lr:g} for every "
-        f"row (Adam/MTAdam beta1 {cfg.beta1:g}, SGD-M momentum 0.9, RMSProp torch defaults).",
-        f"L = λ1·L1 + λ2·GAN; Balanced rows λ = {weights[0]}, Unbalanced rows λ = "
-        f"{weights[1]}. MTAdam's anchor is the L1 term.",
+        f"GAN loss, {cfg.optimizers_note()}",
+        f"L = λ1·L1 + λ2·GAN; {setup.weights_note()}. MTAdam's anchor is the L1 term.",
         "Test metrics on the central 28x28 crop, pixels in [0, 1], means over test images; "
         "FD-FMNIST: Fréchet distance between the feature classifier's 128-d features of the "
         "generated and the real test images (not FID: not Inception features; it depends on "
-        f"the number of test images). Feature classifier: {classifier_info['train_size']} "
-        f"training images, {classifier_info['epochs']} epoch(s), test accuracy "
-        f"{classifier_info['test_accuracy']:.2f}% (cache key {classifier_info['key']}, weights "
-        f"{classifier_info['weights_sha256']}).",
+        f"the number of test images). Feature classifier: {info['train_size']} "
+        f"training images, {info['epochs']} epoch(s), test accuracy "
+        f"{info['test_accuracy']:.2f}% (cache key {info['key']}, weights "
+        f"{info['weights_sha256']}).",
     ]
     title = "pix2pix-style edges -> image on Fashion-MNIST (MTAdam paper's pix2pix protocol)"
     if cfg.ablation:
         title = "pix2pix-style edges -> image on Fashion-MNIST: MTAdam ablations (Table 5)"
-    return gan_result(
-        "pix2pix",
-        title,
-        config,
-        specs,
-        seeds,
+    return setup.result(
+        task,
         runs,
-        metric="l1",
+        title=title,
         metric_label="test L1 (pixels in [0, 1])",
         columns=METRIC_COLUMNS,
         plot_keys=["l1", "psnr", "ssim", "fd_fmnist"],
-        term_names=list(TERM_NAMES),
         notes=notes,
-        sample_images=task.sample_references(),
+        test_size=test_size,
+        classifier=info,
     )

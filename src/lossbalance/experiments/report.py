@@ -23,12 +23,15 @@ __all__ = [
     "ExperimentResult",
     "append_checkpoint",
     "config_fingerprint",
+    "cost_cells",
+    "cost_headers",
     "decode_images",
     "encode_images",
     "format_mean_std",
     "library_versions",
     "load_previous_runs",
     "markdown_table",
+    "mean_or_none",
     "plot_metrics",
     "plot_samples",
     "plot_traces",
@@ -192,6 +195,37 @@ def timing_note(config: Mapping[str, Any]) -> list[str]:
         f"same device (--jobs {jobs}): they compare the rows only roughly. The scripts in "
         "benchmarks/ time the methods alone."
     ]
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not ``None`` (``None`` when there are none)."""
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def cost_headers(with_skips: bool) -> list[str]:
+    """The table headers of :func:`cost_cells`."""
+    headers = ["n", "ms / iter", "non-finite steps / run"]
+    if with_skips:
+        headers.append("MTAdam skipped steps / run")
+    return headers
+
+
+def cost_cells(row_runs: Sequence[Mapping[str, Any]], with_skips: bool) -> list[Any]:
+    """A row's runs, mean training time per iteration (ms), mean non-finite steps per run
+    and, ``with_skips`` (some run counts them), MTAdam's mean skipped steps per run (``-``
+    where none of the row's runs counted them)."""
+    ms = 1000 * (mean_or_none([r["time_per_iter_s"] for r in row_runs]) or float("nan"))
+    nonfinite = mean_or_none([float(r["nonfinite_steps"]) for r in row_runs])
+    cells: list[Any] = [
+        len(row_runs),
+        f"{ms:.2f}",
+        "-" if nonfinite is None else f"{nonfinite:.1f}",
+    ]
+    if with_skips:
+        skipped = mean_or_none([r["skipped_steps"] for r in row_runs])
+        cells.append("-" if skipped is None else f"{skipped:.1f}")
+    return cells
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

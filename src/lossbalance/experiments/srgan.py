@@ -22,8 +22,7 @@ scratch with its terms), box instead of bicubic downsampling, tiny networks.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,10 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lossbalance.experiments.data import ClassificationData, load_idx_dataset
-from lossbalance.experiments.gan import GanConfig, gan_result, run_gan_experiment
-from lossbalance.experiments.methods import ABLATIONS, resolve_methods
-from lossbalance.experiments.mnist import expand_methods
+from lossbalance.experiments.data import ClassificationData
+from lossbalance.experiments.gan import (
+    DEFAULT_METHODS,
+    AdversarialTask,
+    GanConfig,
+    GanSetup,
+    bce_gan_loss,
+    evaluating,
+    method_names,
+)
 from lossbalance.experiments.report import ExperimentResult, encode_images
 from lossbalance.experiments.synthesis import (
     FashionClassifier,
@@ -61,7 +66,6 @@ __all__ = [
 #: (lambda_MSE, lambda_GAN, lambda_perceptual): SRGAN's weights, and the equal ones
 BALANCED_WEIGHTS = (1.0, 0.001, 0.006)
 UNBALANCED_WEIGHTS = (1.0, 1.0, 1.0)
-DEFAULT_METHODS = ["balanced-adam", "sgd-m", "rmsprop", "adam", "mtadam"]
 TERM_NAMES = ["mse", "gan", "perceptual"]
 SCALE = 4
 
@@ -95,18 +99,10 @@ class SrganConfig(GanConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("width", "blocks"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+        self.check_counts("width", "blocks")
 
 
-def _bce(logits: Tensor, real: bool) -> Tensor:
-    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
-    return F.binary_cross_entropy_with_logits(logits, target)
-
-
-class SuperResolutionTask:
+class SuperResolutionTask(AdversarialTask):
     """Fashion-MNIST 7x7 -> 28x28, for :func:`~lossbalance.experiments.gan.train_gan_run`.
 
     Args:
@@ -120,6 +116,8 @@ class SuperResolutionTask:
 
     name = "srgan"
     metric = "psnr"
+    tensors = ("train_hr", "test_lr", "sample_index")
+    movable = ("evaluator",)
 
     def __init__(
         self,
@@ -132,12 +130,10 @@ class SuperResolutionTask:
         samples: int = 10,
         device: torch.device | str = "cpu",
     ) -> None:
+        super().__init__(TERM_NAMES, weights, int(data.train_y.shape[0]))
         device = torch.device(device)
-        self.term_names = list(TERM_NAMES)
-        self.weights = weights
         self.width = width
         self.blocks = blocks
-        self.num_train = int(data.train_y.shape[0])
         self.classifier = classifier.to(device)
         self.train_hr = data.train_x.unsqueeze(1).to(device)
         test_hr = data.test_x.unsqueeze(1).to(device)
@@ -145,19 +141,11 @@ class SuperResolutionTask:
         self.evaluator = ImageEvaluator(test_hr.float().div(255.0), self.classifier)
         self.sample_index = pick_samples(data.test_y, samples).to(device)
 
-    def to(self, device: torch.device) -> None:
-        for name in ("train_hr", "test_lr", "sample_index"):
-            setattr(self, name, getattr(self, name).to(device))
-        self.evaluator.to(device)
-
     def build_generator(self) -> nn.Module:
         return SRGenerator(SCALE, width=self.width, blocks=self.blocks)
 
     def build_discriminator(self) -> nn.Module:
         return SRDiscriminator()
-
-    def term_weights(self, balanced: bool) -> Tensor:
-        return torch.tensor(self.weights[0] if balanced else self.weights[1])
 
     def train_batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
         hr = to_unit(self.train_hr[index])
@@ -170,7 +158,10 @@ class SuperResolutionTask:
         self, discriminator: nn.Module, batch: tuple[Tensor, Tensor], fake: Tensor
     ) -> Tensor:
         hr = batch[1]
-        return 0.5 * (_bce(discriminator(hr), True) + _bce(discriminator(fake.detach()), False))
+        return 0.5 * (
+            bce_gan_loss(discriminator(hr), True)
+            + bce_gan_loss(discriminator(fake.detach()), False)
+        )
 
     def generator_terms(
         self,
@@ -182,14 +173,11 @@ class SuperResolutionTask:
         hr = batch[1]
         maps = self.classifier.feature_maps
         perceptual = F.mse_loss(maps(fake.add(1).div(2)), maps(hr.add(1).div(2)))
-        return [F.mse_loss(fake, hr), _bce(discriminator(fake), True), perceptual]
+        return [F.mse_loss(fake, hr), bce_gan_loss(discriminator(fake), True), perceptual]
 
-    @torch.no_grad()
     def _outputs(self, generator: nn.Module, inputs: Tensor, batch_size: int) -> Tensor:
-        was_training = generator.training
-        generator.eval()
-        out = torch.cat([generator(part) for part in inputs.split(batch_size)])
-        generator.train(was_training)
+        with evaluating(generator):
+            out = torch.cat([generator(part) for part in inputs.split(batch_size)])
         return out.add(1.0).div(2.0)
 
     def evaluate(self, generator: nn.Module, batch_size: int = 500) -> dict[str, float]:
@@ -216,11 +204,6 @@ class SuperResolutionTask:
         ]
 
 
-def method_names(cfg: SrganConfig) -> list[str]:
-    """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
-    return expand_methods(cfg.methods, list(ABLATIONS) if cfg.ablation else DEFAULT_METHODS)
-
-
 def run(
     cfg: SrganConfig,
     *,
@@ -228,78 +211,50 @@ def run(
     on_run: Callable[[dict[str, Any]], None] | None = None,
 ) -> ExperimentResult:
     """Run the SRGAN experiment; raises ``DatasetNotFoundError`` without the data."""
-    cfg.validate()
-    weights = cfg.weights(BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
-    specs = resolve_methods(method_names(cfg), weighted=True)
-    train_cfg = cfg.gan_train_config()
-    full = load_idx_dataset(
-        "fashion-mnist", Path(cfg.data_dir), download=cfg.download, verify=cfg.verify
-    )
-    classifier, classifier_info = cfg.feature_classifier(full, train_cfg.device)
-    data = full.limit(cfg.train_limit, cfg.test_limit)
+    setup = GanSetup.load(cfg, BALANCED_WEIGHTS, UNBALANCED_WEIGHTS)
+    data = setup.data["fashion-mnist"]
+    info = setup.classifier_info["fashion-mnist"]
     task = SuperResolutionTask(
         data,
-        classifier,
-        weights,
+        setup.classifiers["fashion-mnist"],
+        setup.weights,
         width=cfg.width,
         blocks=cfg.blocks,
         samples=cfg.samples,
-        device=train_cfg.device,
+        device=setup.device,
     )
     baseline = task.bicubic_baseline()
-    seeds = cfg.seed_list()
-    runs = run_gan_experiment(
-        task,
-        specs,
-        seeds,
-        train_cfg,
-        previous=previous,
-        on_run=on_run,
-        classifier=classifier_info["weights_sha256"],
-    )
-    config = {**asdict(cfg), "device": str(train_cfg.device), "methods": [s.name for s in specs]}
-    config.update(
-        train_size=task.num_train,
-        test_size=int(data.test_y.shape[0]),
-        weights={"balanced": list(weights[0]), "unbalanced": list(weights[1])},
-        classifier=classifier_info,
-    )
+    runs = setup.train(task, previous=previous, on_run=on_run, classifier=info["weights_sha256"])
+    test_size = int(data.test_y.shape[0])
     notes = [
         f"Fashion-MNIST 4x super-resolution: 7x7 (4x4 block means) -> 28x28; "
-        f"{task.num_train} training / {config['test_size']} test images.",
+        f"{task.num_train} training / {test_size} test images.",
         f"Generator: SRResNet-style ({cfg.blocks} residual blocks, width {cfg.width}), trained "
-        "from scratch (no MSE pre-training); discriminator: SRGAN-style, vanilla GAN loss, Adam "
-        f"(lr {train_cfg.d_lr or cfg.lr:g}, betas ({cfg.beta1:g}, 0.999)). {cfg.epochs} "
-        f"epoch(s), batch {cfg.batch_size}, generator lr {cfg.lr:g} for every row (Adam/MTAdam "
-        f"beta1 {cfg.beta1:g}, SGD-M momentum 0.9, RMSProp torch defaults).",
+        "from scratch (no MSE pre-training); discriminator: SRGAN-style, vanilla GAN loss, "
+        + cfg.optimizers_note(),
         f"L = λ1·MSE + λ2·GAN + λ3·perceptual (MSE of the feature classifier's 64x7x7 conv "
-        f"features); Balanced rows λ = {weights[0]}, Unbalanced rows λ = {weights[1]}. "
-        "MTAdam's anchor is the MSE term.",
+        f"features); {setup.weights_note()}. MTAdam's anchor is the MSE term.",
         "Test metrics with pixels in [0, 1], means over test images; FD-FMNIST: Fréchet "
         "distance between the classifier's 128-d features of the generated and the real test "
         "images (not FID). Feature classifier: "
-        f"{classifier_info['train_size']} training images, {classifier_info['epochs']} "
-        f"epoch(s), test accuracy {classifier_info['test_accuracy']:.2f}% (cache key "
-        f"{classifier_info['key']}, weights {classifier_info['weights_sha256']}).",
+        f"{info['train_size']} training images, {info['epochs']} "
+        f"epoch(s), test accuracy {info['test_accuracy']:.2f}% (cache key "
+        f"{info['key']}, weights {info['weights_sha256']}).",
         f"Reference, bicubic upsampling of the input: PSNR {baseline['psnr']:.2f} dB, SSIM "
         f"{baseline['ssim']:.4f}, FD-FMNIST {baseline['fd_fmnist']:.2f}, MSE {baseline['l2']:.5f}.",
     ]
     title = "SRGAN-style 4x super-resolution of Fashion-MNIST (MTAdam paper's SRGAN protocol)"
     if cfg.ablation:
         title = "SRGAN-style 4x super-resolution of Fashion-MNIST: MTAdam ablations"
-    return gan_result(
-        "srgan",
-        title,
-        config,
-        specs,
-        seeds,
+    return setup.result(
+        task,
         runs,
-        metric="psnr",
+        title=title,
         metric_label="test PSNR (dB)",
         columns=METRIC_COLUMNS,
         plot_keys=["psnr", "ssim", "fd_fmnist"],
-        term_names=list(TERM_NAMES),
         notes=notes,
-        sample_images=task.sample_references(),
+        test_size=test_size,
+        classifier=info,
         extra={"bicubic_baseline": baseline},
     )
