@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lossbalance.experiments.harness import _bar
+from lossbalance.experiments.harness import _bar, run_key
 
 __all__ = ["run_parallel"]
 
@@ -98,7 +98,7 @@ def run_parallel(
                 for done in futures.as_completed(pending):
                     task = pending[done]
                     for record in done.result():
-                        previous[_key(record)] = record
+                        previous[run_key(record["group"], record["row"], record["seed"])] = record
                         if on_run is not None:
                             on_run(record)
                     bar.set_postfix_str(f"{task.methods[0]} seed {task.first_seed}")
@@ -111,9 +111,3 @@ def run_parallel(
         bar.close()
     # every run is in ``previous`` now: this trains nothing and builds the report
     return module.run(dataclasses.replace(cfg, progress=False), previous=previous)
-
-
-def _key(record: Mapping[str, Any]) -> str:
-    from lossbalance.experiments.harness import run_key
-
-    return run_key(record["group"], record["row"], record["seed"])
