@@ -312,15 +312,20 @@ def test_jobs_must_be_positive(tmp_path, capsys):
         main(["demo", "--jobs", "0", "--out", str(tmp_path)])
 
 
+def _read(pid: int, name: str) -> bytes:
+    # /proc/<pid>/<name>, or b"" once the process is gone
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
 def _children(pid: int) -> set[int]:
     out = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            stat = _read(int(entry.name), "stat")
+            if stat and int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
                 out.add(int(entry.name))
     return out
 
@@ -339,20 +344,20 @@ def test_jobs_workers_exit_with_the_parent(tmp_path):
         workers: set[int] = set()
         while len(workers) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
-            workers = {
-                pid
-                for pid in _children(proc.pid)
-                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            }
+            workers = {pid for pid in _children(proc.pid) if b"spawn_main" in _read(pid, "cmdline")}
         assert len(workers) >= 2, "the workers did not start"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+        def running(pid: int) -> bool:
+            # a zombie (state Z, waiting for init to reap it) is gone for our purposes
+            stat = _read(pid, "stat")
+            return bool(stat) and b" Z " not in stat
+
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        while time.monotonic() < deadline and any(running(w) for w in workers):
             time.sleep(0.2)
-        alive = [w for w in workers if Path(f"/proc/{w}").exists()]
-        # a zombie (state Z, reaped by init) is gone for our purposes
-        alive = [w for w in alive if " Z " not in Path(f"/proc/{w}/stat").read_text()]
+        alive = [w for w in workers if running(w)]
         assert not alive, f"workers {alive} outlived their parent"
     finally:
         if proc.poll() is None:
