@@ -896,10 +896,24 @@ def _update_ops(layers: int, **options) -> dict:
 def test_update_ops_do_not_grow_with_the_number_of_tensors(sync_free):
     # the update is multi-tensor (torch._foreach_*): 40 parameter tensors dispatch as many
     # ops as 4; the per-parameter loop it replaced dispatched about 18 per tensor. The
-    # masked path keeps one masked_fill_ per tensor (no foreach op maps NaN to 0).
+    # masked path keeps one masked_fill_ per tensor (no foreach op maps NaN to 0), and on
+    # the CPU the max over terms is one amax per tensor (a foreach tree on accelerators).
     few, many = _update_ops(2, sync_free=sync_free), _update_ops(20, sync_free=sync_free)
-    per_tensor = 1 if sync_free else 0
+    per_tensor = (1 if sync_free else 0) + 1
     assert sum(many.values()) - sum(few.values()) <= per_tensor * (40 - 4), many
     assert sum(few.values()) <= 80 + per_tensor * 4, few
     if sync_free:
         assert many.get(torch.ops.aten.masked_fill_.Scalar, 0) == 40
+
+
+@pytest.mark.parametrize("num", [1, 2, 3, 5, 8])
+def test_max_tree_equals_amax(num):
+    # the accelerators' pairwise foreach tree of the max over terms (the CPU uses amax)
+    from lossbalance._mtadam import _reduce_terms
+
+    tensors = [torch.randn(num, *shape) for shape in [(3,), (2, 4), (5, 1, 2)]]
+    copies = [t.clone() for t in tensors]
+    out = _reduce_terms(tensors, num, torch._foreach_maximum, torch._foreach_maximum_)
+    for o, t, c in zip(out, tensors, copies, strict=True):
+        assert torch.equal(o, t.amax(dim=0))
+        assert torch.equal(t, c)  # the inputs are left intact

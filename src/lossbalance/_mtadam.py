@@ -762,6 +762,17 @@ def _reduce_terms(
     return [t[0] for t in cur]
 
 
+def _max_over_terms(tensors: list[Tensor], num: int) -> list[Tensor]:
+    """The max over the first dimension of each ``(I, *shape)`` tensor. On the CPU, where
+    an op costs no launch, one ``amax`` per tensor reads the second moments once (the
+    foreach tree below reads them about twice and runs as the slower ``clamp_min``: 1.5x
+    slower updates at 10M parameters); on accelerators the pairwise tree keeps the launch
+    count at about log2(I) whatever the number of tensors."""
+    if tensors and tensors[0].device.type == "cpu":
+        return [t.amax(dim=0) for t in tensors]
+    return _reduce_terms(tensors, num, torch._foreach_maximum, torch._foreach_maximum_)
+
+
 def _sum_terms(tensors: Sequence[Tensor], row: Tensor) -> list[Tensor]:
     """``row @ t.view(I, -1)`` for each tensor: a weighted sum over terms, one foreach op."""
     out = torch._foreach_mm([row] * len(tensors), [t.view(t.shape[0], -1) for t in tensors])
@@ -926,7 +937,7 @@ def mtadam(
         if weight_decay != 0 and decoupled_weight_decay:
             torch._foreach_mul_(masters, shrink)
         if second_moment == "max":
-            vs = _reduce_terms(vs, num, torch._foreach_maximum, torch._foreach_maximum_)
+            vs = _max_over_terms(vs, num)
         denom = torch._foreach_sqrt(vs)
         torch._foreach_div_(denom, list(bc2s))
         torch._foreach_add_(denom, eps)
