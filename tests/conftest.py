@@ -6,9 +6,13 @@
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,3 +39,16 @@ def _fresh_warnings():
     _validation.reset_warnings()
     yield
     _validation.reset_warnings()
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def write_idx() -> Callable[[Path, np.ndarray], None]:
+    """Write a uint8 array as a gzipped idx file (tiny synthetic MNIST-format data)."""
+    return _write_idx

@@ -6,10 +6,8 @@ files (then ``--no-verify``, since their md5 sums are not the published ones).
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -25,26 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="session")
-def mnist_args(tmp_path_factory) -> list[str]:
+def mnist_args(tmp_path_factory, write_idx) -> list[str]:
     """``--data-dir`` (and ``--no-verify`` for synthetic files) for the MNIST commands."""
     if (SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz").is_file():
         return ["--data-dir", str(SHARED_DATA)]
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 400), ("t10k", 100)):
-        _write_idx(
+        write_idx(
             root / "mnist" / f"{prefix}-images-idx3-ubyte.gz",
             rng.integers(0, 256, (n, 28, 28)),
         )
-        _write_idx(root / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        write_idx(root / "mnist" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return ["--data-dir", str(root), "--no-verify"]
 
 

@@ -8,10 +8,8 @@ synthetic idx files (then ``--no-verify``). Every run here is CPU-only and offli
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
-def fashion_args(tmp_path_factory) -> list[str]:
+def fashion_args(tmp_path_factory, write_idx) -> list[str]:
     """``--data-dir`` (plus ``--no-verify`` for synthetic files) and a fresh ``--cache-dir``."""
     cache = tmp_path_factory.mktemp("cache")
     names = ("mnist", "fashion-mnist")
@@ -65,8 +56,8 @@ def fashion_args(tmp_path_factory) -> list[str]:
         for prefix, n in (("train", 300), ("t10k", 100)):
             images = np.zeros((n, 28, 28), dtype=np.uint8)
             images[:, 6:22, 8:20] = rng.integers(60, 256, (n, 16, 12))  # an object-like block
-            _write_idx(root / name / f"{prefix}-images-idx3-ubyte.gz", images)
-            _write_idx(root / name / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+            write_idx(root / name / f"{prefix}-images-idx3-ubyte.gz", images)
+            write_idx(root / name / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return ["--data-dir", str(root), "--no-download", "--no-verify", "--cache-dir", str(cache)]
 
 
