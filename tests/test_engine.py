@@ -129,6 +129,25 @@ def test_term_grads_unreached_is_none_and_zero_rows(dtype, device):
         torch.testing.assert_close(ga[0], 2 * a.detach())
 
 
+def test_term_grads_writes_into_out_where_it_fits(dtype, device):
+    a = torch.randn(3, dtype=dtype, device=device, requires_grad=True)
+    b = torch.randn(2, dtype=dtype, device=device, requires_grad=True)
+    losses = [a.pow(2).sum(), (a.sum() * b).sum()]
+    ref = term_grads(losses, [a, b], mode="sequential", retain_graph=True)
+    fits = torch.full((2, 3), float("nan"), dtype=dtype, device=device)  # stale contents
+    wrong = torch.empty(3, 2, dtype=dtype, device=device)
+    ga, gb = term_grads(losses, [a, b], mode="sequential", retain_graph=True, out=[fits, wrong])
+    assert ga is fits and gb is not wrong
+    torch.testing.assert_close(ga, ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(gb, ref[1], rtol=0, atol=0)
+    # b's row of term 0 is not reached: the stale contents of a reused stack become zeros
+    stale = torch.full((2, 2), float("nan"), dtype=dtype, device=device)
+    _, gb = term_grads(losses, [a, b], mode="sequential", retain_graph=True, out=[None, stale])
+    assert gb is stale and torch.equal(gb[0], torch.zeros_like(b))
+    with pytest.raises(ValueError, match="out has 1 entries for 2 parameters"):
+        term_grads(losses, [a, b], out=[None])
+
+
 def test_term_grads_under_no_grad(dtype, device):
     w = torch.randn(3, dtype=dtype, device=device, requires_grad=True)
     losses = [w.sum(), w.pow(2).sum()]

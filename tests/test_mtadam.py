@@ -153,6 +153,9 @@ OPTIONS = [
     {"sync_free": True},
     {"sync_free": True, "second_moment": "own"},
     {"sync_free": True, "eps": 0.0},
+    {"sync_free": True, "second_moment": "mean"},
+    {"sync_free": True, "term_weights": [1.0, 2.0, 0.5]},
+    {"sync_free": True, "weight_decay": 0.1, "decoupled_weight_decay": True},
     {"weight_decay": 0.1},
     {"weight_decay": 0.1, "decoupled_weight_decay": True},
     {"term_weights": [1.0, 2.0, 0.5]},
@@ -480,7 +483,8 @@ def test_state_memory_bound():
 def test_nan_step_is_skipped_exactly(where, eps, sync_free):
     data = batches(10)
     model = make_model()
-    opt = MTAdam(model.parameters(), lr=1e-2, eps=eps)
+    # the same path as the guarded run (the CPU host-check path rounds differently)
+    opt = MTAdam(model.parameters(), lr=1e-2, eps=eps, sync_free=sync_free)
     for x in data:
         opt.step(model.losses(x))
 
@@ -917,3 +921,74 @@ def test_max_tree_equals_amax(num):
     for o, t, c in zip(out, tensors, copies, strict=True):
         assert torch.equal(o, t.amax(dim=0))
         assert torch.equal(t, c)  # the inputs are left intact
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"second_moment": "mean"},
+        {"term_weights": [1.0, 3.0, 0.5]},
+        {"weight_decay": 0.1, "decoupled_weight_decay": True},
+    ],
+    ids=lambda o: ",".join(o) or "default",
+)
+def test_cpu_path_folds_the_scales_and_leaves_the_stack_intact(options):
+    # On the CPU a finite step folds the per-term scales into the moments (one GEMV per
+    # tensor for the first, s_i^2 per term for the second) instead of a read-write pass
+    # g *= s over the (I, |p|) stack: the stack is not written, and the result equals the
+    # in-place path (the masked one of accelerators) up to rounding.
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 3)).double() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    folded = MTAdam(models[0].parameters(), lr=1e-2, **options)
+    scaled = MTAdam(models[1].parameters(), lr=1e-2, sync_free=True, **options)
+    folded.num_terms = scaled.num_terms = 3
+    gen = torch.Generator().manual_seed(3)
+    spread = torch.tensor([1.0, 1e3, 1e-2], dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(5):
+            grads = [
+                torch.randn(3, *p.shape, generator=gen, dtype=torch.float64)
+                * spread.view(3, *[1] * p.dim())
+                for p in models[0].parameters()
+            ]
+            kept = [g.clone() for g in grads]
+            folded._apply(dict(zip(models[0].parameters(), grads)), None)
+            assert all(torch.equal(g, k) for g, k in zip(grads, kept, strict=True))
+            scaled._apply(dict(zip(models[1].parameters(), kept)), None)
+            assert not all(torch.equal(g, k) for g, k in zip(grads, kept, strict=True))
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+        for name in ("exp_avg", "exp_avg_sq", "magnitude"):
+            torch.testing.assert_close(
+                folded.state[p][name], scaled.state[q][name], rtol=1e-12, atol=1e-18
+            )
+
+
+def test_cpu_stacks_are_reused_across_steps_without_stale_rows(monkeypatch):
+    # On the CPU the per-term gradient stacks of one step are written again at the next;
+    # a term that reaches a layer at one step and not the next must leave zeros there, not
+    # the last step's gradient: the run equals one with fresh stacks bit for bit.
+    def losses(model, x, k):
+        z = model.trunk(x)
+        ya, yb = model.a(z), model.b(z)
+        second = (yb[:, 0] - x[:, 1]).pow(2).mean()
+        if k % 2:  # every other step the second term does not reach head b
+            second = (ya - x[:, 1:2]).abs().mean()
+        return [(ya - x[:, :1]).pow(2).mean(), second, (yb[:, 1] - x[:, 2]).abs().mean()]
+
+    runs = []
+    for fresh in (False, True):
+        model = make_model()
+        opt = MTAdam(model.parameters(), lr=1e-2, grad_mode="sequential")
+        stacks = []
+        for k, x in enumerate(batches(6)):
+            if fresh:
+                opt._stacks = {}
+            opt.step(losses(model, x, k))
+            stacks.append(opt._stacks[model.b.weight])
+        runs.append([p.detach().clone() for p in model.parameters()])
+        assert all(s is stacks[0] for s in stacks) != fresh
+    for p, q in zip(*runs, strict=True):
+        assert torch.equal(p, q)

@@ -50,6 +50,7 @@ def term_grads(
     *,
     mode: str = "auto",
     retain_graph: bool = False,
+    out: Sequence[Tensor | None] | None = None,
 ) -> list[Tensor | None]:
     """Stacked per-term gradients of ``losses`` with respect to ``params``.
 
@@ -69,6 +70,12 @@ def term_grads(
         retain_graph: keep the graph after the last backward (the vectorised paths always
             keep it, so that the sequential fallback can run; it is freed with the
             caller's references to the losses).
+        out: optional, one entry per parameter: a ``(K, *p.shape)`` tensor that the
+            sequential mode writes the stack into (and returns) instead of allocating a
+            new one, where its shape, dtype and device match; ``None`` entries and the
+            vectorised modes allocate. Reusing stacks across steps saves the allocation
+            (on the CPU large blocks come fresh from the kernel every time, page faults
+            and all).
 
     ``mode="auto"``: with one term, sequential (one backward pass). Otherwise, on the first
     call for a key (the parameters' shapes, dtypes and devices, and K), sequential,
@@ -98,14 +105,21 @@ def term_grads(
     check_choice("mode", mode, GRAD_MODES)
     params = list(params)
     losses = list(losses)
+    if out is not None and len(out) != len(params):
+        raise ValueError(f"term_grads: out has {len(out)} entries for {len(params)} parameters")
     # callers such as an optimizer's step() run under no_grad; the backward needs grad mode
     with torch.enable_grad():
         if mode == "auto":
-            return _auto_term_grads(losses, params, retain_graph)
+            return _auto_term_grads(losses, params, retain_graph, out)
         if mode == "two_stage":
             return _two_stage(losses, params, retain_graph)
         return _per_term(
-            losses, params, len(params), batched=mode == "batched", retain_graph=retain_graph
+            losses,
+            params,
+            len(params),
+            batched=mode == "batched",
+            retain_graph=retain_graph,
+            out=out,
         )
 
 
@@ -128,10 +142,15 @@ def _capturing(params: Sequence[Tensor]) -> bool:
 
 
 def _auto_term_grads(
-    losses: list[Tensor], params: list[Tensor], retain_graph: bool
+    losses: list[Tensor],
+    params: list[Tensor],
+    retain_graph: bool,
+    out: Sequence[Tensor | None] | None = None,
 ) -> list[Tensor | None]:
     if len(losses) <= 1 or not params or torch.are_deterministic_algorithms_enabled():
-        return _per_term(losses, params, len(params), batched=False, retain_graph=retain_graph)
+        return _per_term(
+            losses, params, len(params), batched=False, retain_graph=retain_graph, out=out
+        )
     from lossbalance import _vjp  # _vjp imports this module
 
     key = auto_key(params, len(losses))
@@ -160,7 +179,7 @@ def _auto_term_grads(
     if mode == "two_stage":
         return _two_stage(losses, params, retain_graph)
     return _per_term(
-        losses, params, len(params), batched=mode == "batched", retain_graph=retain_graph
+        losses, params, len(params), batched=mode == "batched", retain_graph=retain_graph, out=out
     )
 
 
@@ -341,10 +360,12 @@ def _per_term(
     batched: bool,
     retain_graph: bool,
     sum_weights: Tensor | None = None,
+    out: Sequence[Tensor | None] | None = None,
 ) -> list[Tensor | None]:
     """Per-term gradients: ``(K, *p.shape)`` stacks for ``params[:num_stacked]``; for the
     rest (task-specific parameters) ``sum_i c_i dL_i/dp`` with ``c = sum_weights`` (ones by
-    default), accumulated without keeping K copies."""
+    default), accumulated without keeping K copies. ``out``: stacks the sequential path
+    may write into (see :func:`term_grads`)."""
     if batched:
         try:
             return _batched(losses, params, num_stacked, sum_weights)
@@ -354,14 +375,14 @@ def _per_term(
             # Some operations have no vmap rule; the sequential path is always exact. It
             # runs first so that an error unrelated to batching (e.g. a freed graph)
             # surfaces as itself, without a misleading warning.
-            out = _sequential(losses, params, num_stacked, retain_graph, sum_weights)
+            grads = _sequential(losses, params, num_stacked, retain_graph, sum_weights, out)
             warn_once(
                 "engine-batched-fallback",
                 f"batched per-term gradients failed ({type(err).__name__}: {err}); "
                 "fell back to K sequential backward passes",
             )
-            return out
-    return _sequential(losses, params, num_stacked, retain_graph, sum_weights)
+            return grads
+    return _sequential(losses, params, num_stacked, retain_graph, sum_weights, out)
 
 
 def _sequential(
@@ -370,6 +391,7 @@ def _sequential(
     num_stacked: int,
     retain_graph: bool,
     sum_weights: Tensor | None = None,
+    reuse: Sequence[Tensor | None] | None = None,
 ) -> list[Tensor | None]:
     # Each term is differentiated on its own (not through a stacked vector), so that pass i
     # traverses only the part of the graph that L_i depends on: zero gradients are not
@@ -395,7 +417,7 @@ def _sequential(
             buf = out[j]
             if j < num_stacked:
                 if buf is None:
-                    buf = g.new_empty((k, *g.shape))
+                    buf = _stack_for(g, k, reuse[j] if reuse is not None else None)
                     out[j] = buf
                 buf[i].copy_(g)
                 written[j][i] = True
@@ -412,6 +434,20 @@ def _sequential(
                 if not written[j][i]:
                     buf[i].zero_()
     return out
+
+
+def _stack_for(g: Tensor, k: int, given: Tensor | None) -> Tensor:
+    """A ``(k, *g.shape)`` stack for ``g``'s per-term gradients: ``given`` if it fits."""
+    if (
+        given is not None
+        and given.shape == (k, *g.shape)
+        and given.dtype == g.dtype
+        and given.device == g.device
+        and given.is_contiguous()
+        and not given.requires_grad
+    ):
+        return given
+    return g.new_empty((k, *g.shape))
 
 
 def _batched(

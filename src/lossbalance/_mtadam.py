@@ -62,6 +62,9 @@ class MTAdam(Optimizer):
     :math:`(I + 1)|\theta|` elements plus :math:`I` magnitudes per parameter tensor.
     bf16/fp16 parameters get float32 state; the update is computed in float32 and
     rounded into the parameter (no float32 master copy is kept, as in torch.optim.Adam).
+    On the CPU, the per-term gradient stacks of the sequential grad mode (:math:`I|\theta|`,
+    the working memory of every step) are kept between steps and written again, which
+    saves a fresh allocation and its page faults each step; they are not state.
 
     Args:
         params: parameters or param groups (named parameters are accepted, and are needed
@@ -197,6 +200,8 @@ class MTAdam(Optimizer):
         self._skipped_host = 0
         self._pending: list[tuple[Any, Tensor]] = []
         self._cache: dict[Any, Tensor] = {}
+        # the CPU's per-term gradient stacks, reused from step to step (see _accumulate)
+        self._stacks: dict[Tensor, Tensor] = {}
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -317,11 +322,22 @@ class MTAdam(Optimizer):
         mode = self.grad_mode
         if mode == "auto" and self._resolved_grad_mode is not None:
             mode = self._resolved_grad_mode
-        grads = term_grads(items, params, mode=mode)
+        # On the CPU the sequential stacks of the last step are written again: a fresh
+        # (I, |p|) block is a fresh mapping from the kernel each step (page faults, zeroing),
+        # which costs a few % of the step. Not while accumulating (the first micro-batch's
+        # stacks are then the accumulators), and not on accelerators (caching allocators).
+        reuse = not self._accum and all(p.device.type == "cpu" for p in params)
+        grads = term_grads(
+            items, params, mode=mode, out=[self._stacks.get(p) for p in params] if reuse else None
+        )
         if mode == "auto":
             # remember what auto chose (saved in state_dict, so that a resumed run in
             # another process computes the per-term gradients the same way)
             self._resolved_grad_mode = _resolved_auto_mode(params, len(items))
+        if reuse and (self._resolved_grad_mode if mode == "auto" else mode) == "sequential":
+            self._stacks = {p: g for p, g in zip(params, grads) if g is not None}
+        else:
+            self._stacks = {}
         loss_vec = torch.stack([loss.detach().float() for loss in items])
         if scaling:
             assert grad_scaler is not None
@@ -773,9 +789,11 @@ def _max_over_terms(tensors: list[Tensor], num: int) -> list[Tensor]:
     return _reduce_terms(tensors, num, torch._foreach_maximum, torch._foreach_maximum_)
 
 
-def _sum_terms(tensors: Sequence[Tensor], row: Tensor) -> list[Tensor]:
-    """``row @ t.view(I, -1)`` for each tensor: a weighted sum over terms, one foreach op."""
-    out = torch._foreach_mm([row] * len(tensors), [t.view(t.shape[0], -1) for t in tensors])
+def _sum_terms(tensors: Sequence[Tensor], row: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """``row @ t.view(I, -1)`` for each tensor: a weighted sum over terms, one foreach op.
+    ``row`` is one ``(1, I)`` row for every tensor, or one row per tensor."""
+    rows = [row] * len(tensors) if isinstance(row, Tensor) else list(row)
+    out = torch._foreach_mm(rows, [t.view(t.shape[0], -1) for t in tensors])
     return [o.view(t.shape[1:]) for o, t in zip(out, tensors)]
 
 
@@ -813,7 +831,8 @@ def mtadam(
     Args:
         params: the P parameter tensors to update.
         grads: per parameter, the stacked per-term gradients ``(I, *p.shape)`` in the state
-            dtype; they are overwritten with the balanced gradients.
+            dtype. They may be overwritten with the balanced gradients (the CPU path of a
+            finite step leaves them intact).
         exp_avgs: per parameter ``sum_i m_i`` (``(I, *p.shape)`` for ``second_moment="own"``).
         exp_avg_sqs: per parameter the ``v_i`` stacked over terms (``p.shape``, the mean over
             terms, for ``second_moment="mean"``).
@@ -907,33 +926,38 @@ def mtadam(
         bc2s = tab[:, 2 * num].unbind(0)
         sizes = tab[:, 2 * num + 1].unbind(0)
 
-        trailing = [(1,) * (g.dim() - 1) for g in gs]
-        torch._foreach_mul_(gs, [s.view(num, *t) for s, t in zip(tab[:, :num].unbind(0), trailing)])
         # low-precision parameters: the update is computed in the float32 state dtype
         masters = ps if all(p.dtype == dt for p in ps) else [p.to(dt) for p in ps]
-        if weight_decay != 0 and not decoupled_weight_decay:
-            torch._foreach_add_([g[0] for g in gs], masters, alpha=weight_decay)
-        if masked:
-            # no foreach op maps NaN to 0 (x * 0 stays NaN), so this one is per tensor
-            skip_dev = skip.to(dev)
-            for g in gs:
-                g.masked_fill_(skip_dev, 0.0)
-
-        ones = torch.ones((1, num), dtype=dt, device=dev)
-        firsts = gs if second_moment == "own" else _sum_terms(gs, ones)
-        if masked:
-            torch._foreach_lerp_(ms, firsts, [rate1] * len(ms))
+        if (
+            dev.type == "cpu"
+            and not masked
+            and second_moment != "own"
+            and (weight_decay == 0 or decoupled_weight_decay)
+        ):
+            # The memory-bound CPU path: the scales are folded into the consumers instead
+            # of a read-write pass g *= s over the (I, |p|) stack: the first moment's sum
+            # over terms is one GEMV per tensor, the second moment adds s_i^2 g_i^2 per term.
+            _fold_moments(ms, vs, gs, tab[:, :num], beta1, beta2, second_moment)
         else:
-            torch._foreach_lerp_(ms, firsts, 1.0 - beta1)
-        torch._foreach_mul_(vs, decay2)
-        if second_moment == "mean":
-            mean_row = torch.full((1, num), 1.0 / num, dtype=dt, device=dev)
-            torch._foreach_add_(
-                vs, _sum_terms(torch._foreach_mul(gs, gs), mean_row), alpha=1.0 - beta2
+            _scaled_moments(
+                ms,
+                vs,
+                gs,
+                masters,
+                tab,
+                num,
+                dev,
+                dt,
+                skip,
+                rate1,
+                decay2,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                decoupled_weight_decay=decoupled_weight_decay,
+                second_moment=second_moment,
+                masked=masked,
             )
-        else:
-            torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
-
         if weight_decay != 0 and decoupled_weight_decay:
             torch._foreach_mul_(masters, shrink)
         if second_moment == "max":
@@ -948,12 +972,92 @@ def mtadam(
         scaled = torch._foreach_mul(ms, list(sizes))
         if second_moment == "own":
             torch._foreach_div_(scaled, denom)
-            torch._foreach_add_(masters, _sum_terms(scaled, ones))
+            torch._foreach_add_(
+                masters, _sum_terms(scaled, torch.ones((1, num), dtype=dt, device=dev))
+            )
         else:
             torch._foreach_addcdiv_(masters, scaled, denom)
         if masters is not ps:
             torch._foreach_copy_(ps, masters)
     return finite
+
+
+def _scaled_moments(
+    ms: list[Tensor],
+    vs: list[Tensor],
+    gs: list[Tensor],
+    masters: list[Tensor],
+    tab: Tensor,
+    num: int,
+    dev: torch.device,
+    dt: torch.dtype,
+    skip: Tensor,
+    rate1: Tensor,
+    decay2: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    second_moment: str,
+    masked: bool,
+) -> None:
+    """The moments from the stacks scaled in place (``g *= s``): every device and option."""
+    trailing = [(1,) * (g.dim() - 1) for g in gs]
+    torch._foreach_mul_(gs, [s.view(num, *t) for s, t in zip(tab[:, :num].unbind(0), trailing)])
+    if weight_decay != 0 and not decoupled_weight_decay:
+        torch._foreach_add_([g[0] for g in gs], masters, alpha=weight_decay)
+    if masked:
+        # no foreach op maps NaN to 0 (x * 0 stays NaN), so this one is per tensor
+        skip_dev = skip.to(dev)
+        for g in gs:
+            g.masked_fill_(skip_dev, 0.0)
+
+    ones = torch.ones((1, num), dtype=dt, device=dev)
+    firsts = gs if second_moment == "own" else _sum_terms(gs, ones)
+    if masked:
+        torch._foreach_lerp_(ms, firsts, [rate1] * len(ms))
+    else:
+        torch._foreach_lerp_(ms, firsts, 1.0 - beta1)
+    torch._foreach_mul_(vs, decay2)
+    if second_moment == "mean":
+        mean_row = torch.full((1, num), 1.0 / num, dtype=dt, device=dev)
+        torch._foreach_add_(vs, _sum_terms(torch._foreach_mul(gs, gs), mean_row), alpha=1.0 - beta2)
+    else:
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+
+
+def _fold_moments(
+    ms: list[Tensor],
+    vs: list[Tensor],
+    gs: list[Tensor],
+    scales: Tensor,
+    beta1: float,
+    beta2: float,
+    second_moment: str,
+) -> None:
+    """The moments from the unscaled stacks, with the ``(n, I)`` scales folded in.
+
+    ``m <- lerp(m, s @ g, 1 - beta1)`` (one GEMV per tensor) and ``v_i <- beta2 v_i +
+    (1 - beta2) s_i^2 g_i^2`` (``addcmul`` per term with a per-term value), or for
+    ``second_moment="mean"`` ``v <- beta2 v + (1 - beta2) (s^2 / I) @ g^2``. Three passes
+    over the stack fewer than scaling it in place first; ``gs`` is left intact. Host-side
+    per-term values: for the CPU path of a step known to be finite only (no device to
+    wait for, no masking).
+    """
+    num = scales.shape[1]
+    rows = [r.view(1, num) for r in scales.unbind(0)]
+    torch._foreach_lerp_(ms, _sum_terms(gs, rows), 1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    sq = scales * scales
+    rate2 = 1.0 - beta2
+    if second_moment == "mean":
+        sq_rows = [r.view(1, num) for r in (sq / num).unbind(0)]
+        torch._foreach_add_(vs, _sum_terms(torch._foreach_mul(gs, gs), sq_rows), alpha=rate2)
+        return
+    values = (sq * rate2).reshape(-1).tolist()
+    terms = [g[i] for g in gs for i in range(num)]
+    torch._foreach_addcmul_([v[i] for v in vs for i in range(num)], terms, terms, values)
 
 
 register(
