@@ -443,3 +443,28 @@ def test_docstring_examples_run():
 def test_public_api_exports_engine():
     assert lossbalance.term_gramian is term_gramian
     assert "term_gramian" in lossbalance.__all__ and "term_grads" in lossbalance.__all__
+
+
+def test_gramian_in_cpu_chunks_equals_one_float64_product(monkeypatch):
+    # large matrices are converted to float64 in chunks of columns on the CPU (no fresh
+    # float64 copy of the whole matrix); the accumulation stays float64
+    import lossbalance._base as base
+
+    gen = torch.Generator().manual_seed(0)
+    matrix = torch.randn(5, 1000, generator=gen) * torch.logspace(-3, 3, 5).unsqueeze(1)
+    ref = matrix.double() @ matrix.double().T
+    whole = base.gramian(matrix)
+    monkeypatch.setattr(base, "_CHUNK_BYTES", 8 * 5 * 300)  # 4096-column floor: 1 chunk
+    torch.testing.assert_close(base.gramian(matrix), whole, rtol=0, atol=0)
+    wide = torch.randn(3, 20000, generator=gen)
+    chunked = torch.zeros(3, 3, dtype=torch.float64)
+    calls = []
+    real = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base.add_gramian(chunked, wide)  # 20000 columns: 5 chunks of at most 4096
+    monkeypatch.setattr(torch.Tensor, "addmm_", real)
+    assert len(calls) == 5
+    exact = wide.double() @ wide.double().T
+    # entries with cancellation: compare relative to the largest entry (the diagonal)
+    assert (chunked - exact).abs().max() <= 1e-14 * exact.abs().max()
+    assert (whole - ref).abs().max() <= 1e-14 * ref.abs().max()

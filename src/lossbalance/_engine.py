@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lossbalance._base import add_gramian
 from lossbalance._validation import check_choice, warn_once
 
 __all__ = ["GRAD_MODES", "GRAMIAN_MODES", "collect_terms", "term_grads", "term_gramian"]
@@ -305,8 +306,7 @@ def _acc_device(t: Tensor) -> torch.device:
 
 
 def _add_gramian(gram: Tensor, g: Tensor) -> None:
-    m = g.reshape(g.shape[0], -1).to(device=gram.device, dtype=torch.float64)
-    gram.addmm_(m, m.T)
+    add_gramian(gram, g.reshape(g.shape[0], -1))
 
 
 def reachable_leaves(roots: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> list[Tensor]:
