@@ -1040,8 +1040,9 @@ def _fold_moments(
 
     ``m <- lerp(m, s @ g, 1 - beta1)`` (one GEMV per tensor) and ``v_i <- beta2 v_i +
     (1 - beta2) s_i^2 g_i^2`` (``addcmul`` per term with a per-term value), or for
-    ``second_moment="mean"`` ``v <- beta2 v + (1 - beta2) (s^2 / I) @ g^2``. Three passes
-    over the stack fewer than scaling it in place first; ``gs`` is left intact. Host-side
+    ``second_moment="mean"`` ``v <- beta2 v + (1 - beta2) (s^2 / I) @ g^2``. One
+    read-write pass over the stack fewer than scaling it in place first (about a tenth of
+    the update); ``gs`` is left intact. Host-side
     per-term values: for the CPU path of a step known to be finite only (no device to
     wait for, no masking).
     """
