@@ -246,6 +246,42 @@ def test_resume_reuses_finished_runs(tmp_path, capsys):
     assert "Resuming" not in capsys.readouterr().out
 
 
+def test_report_only_writes_the_recorded_runs_and_trains_nothing(tmp_path, capsys):
+    from lossbalance.cli import _config, build_parser
+    from lossbalance.experiments.demo import DemoConfig
+    from lossbalance.experiments.report import config_fingerprint
+
+    base = ["demo", "--methods", "adam", "--epochs", "1", "--max-batches", "2", "--quiet"]
+    base += ["--no-plots", "--seeds", "1"]
+    trained = tmp_path / "trained"
+    assert main([*base, "--out", str(trained)]) == 0
+    (run,) = json.loads((trained / "results.json").read_text())["runs"]
+
+    # runs checkpointed by an interrupted command on a CUDA machine, read back here: the
+    # device is part of the settings, and need not be present for a report
+    argv = [*base, "--device", "cuda", "--out", str(tmp_path / "gpu")]
+    fingerprint = config_fingerprint(_config(build_parser().parse_args(argv), DemoConfig))
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    checkpoint = json.dumps({"fingerprint": fingerprint, "run": run}) + "\n"
+    (gpu / "runs.jsonl").write_text(checkpoint)
+    capsys.readouterr()
+    assert main([*argv, "--report-only"]) == 0
+    results = json.loads((gpu / "results.json").read_text())
+    assert results["runs"] == [run]  # reused as is: nothing was trained
+    assert results["config"]["device"] == "cuda"
+    assert (gpu / "runs.jsonl").read_text() == checkpoint  # the input is kept
+
+    # a missing run is an error, not a run trained here; the report is left as it was
+    written = (gpu / "results.json").read_text()
+    assert main([*argv[:-4], "--seeds", "2", *argv[-4:], "--report-only"]) == 1
+    assert "the run of 'Unbalanced-Adam', seed 1, is not among" in capsys.readouterr().err
+    assert (gpu / "results.json").read_text() == written
+    # so is a folder without runs of these settings
+    assert main([*base, "--lr", "0.5", "--out", str(gpu), "--report-only"]) == 1
+    assert "no runs with these settings" in capsys.readouterr().err
+
+
 def test_log_dir_writes_term_csv(tmp_path):
     out, logs = tmp_path / "demo", tmp_path / "logs"
     argv = ["demo", "--seeds", "1", "--epochs", "1", "--max-batches", "3", "--out", str(out)]

@@ -23,7 +23,7 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,14 @@ def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> N
         help="reuse the runs already in --out (results.json, or the runs.jsonl checkpoint "
         "of an interrupted command) that have the same settings; train only the missing "
         "(method, seed) pairs. Lets a long experiment run in several pieces.",
+    )
+    g.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the reports from the runs already in --out that have "
+        "the same settings (as --resume finds them), for example of an experiment cut "
+        "off on another machine. Every requested (method, seed) must be there; "
+        "--device names the device the runs were trained on and need not be present.",
     )
 
 
@@ -419,7 +427,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
 
     from lossbalance.experiments import cyclegan, demo, mnist, multimnist, pix2pix, srgan
     from lossbalance.experiments.data import ChecksumError, DatasetNotFoundError
-    from lossbalance.experiments.harness import resolve_device
+    from lossbalance.experiments.harness import MissingRunError, RecordedRuns, resolve_device
     from lossbalance.experiments.methods import resolve_methods
     from lossbalance.experiments.parallel import run_parallel
     from lossbalance.experiments.report import (
@@ -444,7 +452,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
     try:
         config = _config(args, config_cls)
         config.validate()
-        resolve_device(config.device)
+        if not args.report_only:
+            resolve_device(config.device)
         if config.methods:
             weighted = args.command != "multimnist"
             names = mnist.expand_methods(config.methods, [], weighted=weighted)
@@ -454,24 +463,50 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         return 2
     fingerprint = config_fingerprint(config)
     out = Path(args.out)
-    previous = load_previous_runs(out, fingerprint) if args.resume else {}
-    if not args.resume:
+    resume = args.resume or args.report_only
+    previous = load_previous_runs(out, fingerprint) if resume else {}
+    if not resume:
         (out / CHECKPOINT).unlink(missing_ok=True)
+    if args.report_only and not previous:
+        _err(f"--report-only: no runs with these settings in {out}")
+        return 1
     if previous:
-        _out(f"Resuming: {len(previous)} run(s) with the same settings found in {out}")
+        verb = "Reporting" if args.report_only else "Resuming"
+        _out(f"{verb}: {len(previous)} run(s) with the same settings found in {out}")
 
     def checkpoint(record: dict[str, Any]) -> None:
         append_checkpoint(out, fingerprint, record)
 
     try:
-        if config.jobs > 1:
+        if args.report_only:
+            # nothing trains, so the runs' device is only a recorded setting: the data and
+            # the report's tensors stay on the CPU
+            result = module.run(replace(config, device="cpu"), previous=RecordedRuns(previous))
+            result.config["device"] = config.device
+            result.extra["report_only"] = True
+            result.table = (
+                result.table.rstrip() + "\n- Written by --report-only from runs trained "
+                f"earlier (device {config.device}) and recorded in this folder; the versions "
+                "in results.json are those of the machine that wrote the report.\n"
+            )
+        elif config.jobs > 1:
             result = run_parallel(module, config, previous=previous, on_run=checkpoint)
         else:
             result = module.run(config, previous=previous, on_run=checkpoint)
     except (DatasetNotFoundError, ChecksumError) as exc:
         _err(str(exc))
         return 1
-    paths = write_report(result, out, command, plots=not args.no_plots, fingerprint=fingerprint)
+    except MissingRunError as exc:
+        _err(f"--report-only: {exc.args[0]} in {out}; run the command with --resume to train it")
+        return 1
+    paths = write_report(
+        result,
+        out,
+        command,
+        plots=not args.no_plots,
+        fingerprint=fingerprint,
+        keep_checkpoint=args.report_only,
+    )
     _out((out / "results.md").read_text().rstrip())
     _out()
     _out("Wrote:")

@@ -35,6 +35,8 @@ from lossbalance.experiments.tasks import Task
 
 __all__ = [
     "ExperimentConfig",
+    "MissingRunError",
+    "RecordedRuns",
     "TrainConfig",
     "make_stepper",
     "resolve_device",
@@ -449,6 +451,15 @@ def _term_logger(log_dir: str | None, group: str | None, row: str, seed: int) ->
     return lossbalance.TermLogger(every=1, csv=Path(log_dir) / f"{name}.csv")
 
 
+class MissingRunError(LookupError):
+    """A run that ``--report-only`` needs is not among the recorded ones."""
+
+
+class RecordedRuns(dict[str, dict[str, Any]]):
+    """Previous runs (as ``previous``) that must cover every run: nothing is trained, and
+    asking for a run that is not here raises :class:`MissingRunError` (``--report-only``)."""
+
+
 def run_key(group: str | None, row: str, seed: int) -> str:
     """Identity of a run within an experiment (for resuming)."""
     return f"{group}|{row}|{seed}"
@@ -497,7 +508,8 @@ def run_all(
     :func:`train_run` does (the adversarial experiments pass theirs). Every task has
     ``to(device)``; it is moved to ``cfg.device`` before its first new run."""
     seeds = list(seeds)
-    previous = previous or {}
+    if previous is None:
+        previous = {}
     total = len(tasks) * len(specs) * len(seeds)
     outer = _bar(total, "runs", cfg.progress, 0, leave=True)
     runs = []
@@ -513,6 +525,11 @@ def run_all(
                     key = run_key(group, row, seed)
                     if key in previous:
                         runs.append(previous[key])
+                    elif isinstance(previous, RecordedRuns):
+                        raise MissingRunError(
+                            f"the run of {row!r}, seed {seed}, is not among the recorded runs "
+                            "with these settings"
+                        )
                     else:
                         if not moved:
                             task.to(cfg.device)

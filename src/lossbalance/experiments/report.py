@@ -481,11 +481,13 @@ def write_report(
     *,
     plots: bool = True,
     fingerprint: str | None = None,
+    keep_checkpoint: bool = False,
 ) -> list[Path]:
     """Write summary.json, results.json, results.md and the plots into ``out_dir``.
 
     Returns the paths written. The Markdown file starts with the exact command line. The
-    run checkpoint (``runs.jsonl``), if any, is removed: results.json now holds every run.
+    run checkpoint (``runs.jsonl``), if any, is removed, since results.json now holds every
+    run, unless ``keep_checkpoint`` (a report of some of its runs, ``--report-only``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -524,5 +526,6 @@ def write_report(
         samples = plot_samples(result, out / "samples.png")
         if samples is not None:
             written.append(samples)
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        (out / CHECKPOINT).unlink(missing_ok=True)
     return written
