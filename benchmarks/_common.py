@@ -65,14 +65,11 @@ _BLAS_LIMIT: str = "not limited"
 
 
 def _limit_blas(threads: int) -> None:
-    """Limit numpy's BLAS threads too (the balancers solve K x K systems with numpy);
-    needs threadpoolctl, which is optional."""
+    """Limit numpy's BLAS threads too (the balancers solve K x K systems with numpy; they
+    run those on one thread anyway, see ``lossbalance._blas``)."""
     global _BLAS_LIMIT, _BLAS_CONTROL
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        _BLAS_LIMIT = "not limited (threadpoolctl missing)"
-        return
+    from threadpoolctl import threadpool_limits
+
     _BLAS_CONTROL = threadpool_limits(limits=threads)
     _BLAS_LIMIT = f"{threads} (threadpoolctl)"
 

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lossbalance._base import GradientBalancer, gramian
+from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
     check_gramian,
     check_losses,
@@ -33,6 +34,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------
 
 
+@single_blas_thread
 def _grad_normalization(gram: Tensor, method: str) -> Tensor:
     m = gramian_to_numpy(gram)
     diag = np.diag(m).copy()
@@ -135,6 +137,7 @@ def _inverse_training_rates(
     return ratio / mean
 
 
+@single_blas_thread
 def gradnorm_weights_from_gramian(
     gram: Tensor,
     losses: Tensor | None = None,

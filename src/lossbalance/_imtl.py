@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from lossbalance._base import GradientBalancer, LossBalancer, gramian
+from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
     affine_direction,
     check_gramian,
@@ -30,6 +31,7 @@ __all__ = [
 _PAPER = "Liu et al., ICLR 2021"
 
 
+@single_blas_thread
 def _imtl_g(gram: Tensor, method: str) -> Tensor:
     m = gramian_to_numpy(gram)
     k = m.shape[0]

@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from lossbalance._base import GradientBalancer, gramian
+from lossbalance._blas import single_blas_thread
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import check_choice, check_positive, warn_once
 
@@ -310,6 +311,7 @@ def _normalizers(diag: Array, losses: Tensor | None, normalization: str, method:
     return scale
 
 
+@single_blas_thread
 def _solve_mgda(
     gram: Tensor,
     losses: Tensor | None,

@@ -895,8 +895,17 @@ def mtadam(
 
     # A skipped first step leaves step == 0; the clamp keeps the (unused) factors finite.
     step_c = (step_old + keep).clamp(min=1.0)
-    bc1 = 1.0 - torch.pow(beta1, step_c)
-    bc2_sqrt = (1.0 - torch.pow(beta2, step_c)).sqrt()
+    if home.type == "cpu":
+        # As torch.optim.Adam computes them: Python's ``**`` (libm). A vectorised
+        # torch.pow can differ from it in the last bit, depending on the CPU's instruction
+        # set, and a single term would then no longer reproduce Adam bit for bit. On the
+        # CPU, reading the steps is no synchronisation.
+        host = step_c.tolist()
+        bc1 = torch.tensor([1.0 - beta1**t for t in host], dtype=torch.float64)
+        bc2_sqrt = torch.tensor([(1.0 - beta2**t) ** 0.5 for t in host], dtype=torch.float64)
+    else:
+        bc1 = 1.0 - torch.pow(beta1, step_c)
+        bc2_sqrt = (1.0 - torch.pow(beta2, step_c)).sqrt()
     step_size = torch.full_like(bc1, -lr).div_(bc1) * keep
     shared = torch.stack(
         [

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lossbalance._base import GradientBalancer, gramian
+from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
     Array,
     check_gramian,
@@ -52,6 +53,7 @@ def pcgrad_weights_from_gramian(gram: Tensor, generator: torch.Generator | None 
     return _pcgrad(gram, generator, "pcgrad")
 
 
+@single_blas_thread
 def _pcgrad(gram: Tensor, generator: torch.Generator | None, method: str) -> Tensor:
     m = gramian_to_numpy(gram)
     warn_degenerate(method, np.diag(m).copy())
