@@ -272,10 +272,19 @@ def test_report_only_writes_the_recorded_runs_and_trains_nothing(tmp_path, capsy
     assert results["config"]["device"] == "cuda"
     assert (gpu / "runs.jsonl").read_text() == checkpoint  # the input is kept
 
-    # a missing run is an error, not a run trained here; the report is left as it was
+    # a missing run is left out and listed, not trained here
+    capsys.readouterr()
+    assert main([*argv[:-4], "--seeds", "2", *argv[-4:], "--report-only"]) == 0
+    assert "1 requested run(s) not recorded" in capsys.readouterr().err
+    results = json.loads((gpu / "results.json").read_text())
+    assert results["runs"] == [run] and results["seeds"] == [0, 1]
+    assert results["missing_runs"] == [{"row": "Unbalanced-Adam", "seed": 1}]
+    assert results["summary"]["Unbalanced-Adam"]["n"] == 1
+    assert "never recorded: Unbalanced-Adam, seed 1." in (gpu / "results.md").read_text()
+    # a row without any recorded run is an error; the report is left as it was
     written = (gpu / "results.json").read_text()
-    assert main([*argv[:-4], "--seeds", "2", *argv[-4:], "--report-only"]) == 1
-    assert "the run of 'Unbalanced-Adam', seed 1, is not among" in capsys.readouterr().err
+    assert main([*argv[:2], "adam", "sgd-m", *argv[3:], "--report-only"]) == 1
+    assert "no recorded run of 'Unbalanced-SGD-M'" in capsys.readouterr().err
     assert (gpu / "results.json").read_text() == written
     # so is a folder without runs of these settings
     assert main([*base, "--lr", "0.5", "--out", str(gpu), "--report-only"]) == 1

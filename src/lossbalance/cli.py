@@ -140,8 +140,9 @@ def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> N
         action="store_true",
         help="train nothing: write the reports from the runs already in --out that have "
         "the same settings (as --resume finds them), for example of an experiment cut "
-        "off on another machine. Every requested (method, seed) must be there; "
-        "--device names the device the runs were trained on and need not be present.",
+        "off on another machine. Requested runs that are not there are left out and listed "
+        "in the table (a row without any is an error); --device names the device the runs "
+        "were trained on and need not be present.",
     )
 
 
@@ -481,14 +482,24 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         if args.report_only:
             # nothing trains, so the runs' device is only a recorded setting: the data and
             # the report's tensors stay on the CPU
-            result = module.run(replace(config, device="cpu"), previous=RecordedRuns(previous))
+            recorded = RecordedRuns(previous)
+            result = module.run(replace(config, device="cpu"), previous=recorded)
             result.config["device"] = config.device
             result.extra["report_only"] = True
-            result.table = (
-                result.table.rstrip() + "\n- Written by --report-only from runs trained "
-                f"earlier (device {config.device}) and recorded in this folder; the versions "
-                "in results.json are those of the machine that wrote the report.\n"
-            )
+            result.extra["missing_runs"] = [{"row": r, "seed": s} for r, s in recorded.missing]
+            notes = [
+                f"Written by --report-only from runs trained earlier (device {config.device}) "
+                "and recorded in this folder; the versions in results.json are those of the "
+                "machine that wrote the report."
+            ]
+            if recorded.missing:
+                listed = "; ".join(f"{r}, seed {s}" for r, s in recorded.missing)
+                notes.append(
+                    f"Not in this report, never recorded: {listed}. Each row's n counts the "
+                    "runs it has."
+                )
+                _err(f"--report-only: {len(recorded.missing)} requested run(s) not recorded")
+            result.table = result.table.rstrip() + "\n" + "".join(f"- {n}\n" for n in notes)
         elif config.jobs > 1:
             result = run_parallel(module, config, previous=previous, on_run=checkpoint)
         else:
@@ -497,7 +508,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         _err(str(exc))
         return 1
     except MissingRunError as exc:
-        _err(f"--report-only: {exc.args[0]} in {out}; run the command with --resume to train it")
+        _err(f"--report-only: {exc.args[0]} in {out}; run the command with --resume to train")
         return 1
     paths = write_report(
         result,

@@ -456,8 +456,14 @@ class MissingRunError(LookupError):
 
 
 class RecordedRuns(dict[str, dict[str, Any]]):
-    """Previous runs (as ``previous``) that must cover every run: nothing is trained, and
-    asking for a run that is not here raises :class:`MissingRunError` (``--report-only``)."""
+    """Previous runs (as ``previous``) from which a report is made without training
+    (``--report-only``): a run that is not here is left out and listed in ``missing``
+    (``(row, seed)`` pairs); a row without any recorded run raises
+    :class:`MissingRunError`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.missing: list[tuple[str, int]] = []
 
 
 def run_key(group: str | None, row: str, seed: int) -> str:
@@ -526,10 +532,7 @@ def run_all(
                     if key in previous:
                         runs.append(previous[key])
                     elif isinstance(previous, RecordedRuns):
-                        raise MissingRunError(
-                            f"the run of {row!r}, seed {seed}, is not among the recorded runs "
-                            "with these settings"
-                        )
+                        previous.missing.append((row, seed))
                     else:
                         if not moved:
                             task.to(cfg.device)
@@ -542,6 +545,12 @@ def run_all(
     finally:
         torch.set_num_threads(threads)
         outer.close()
+    if isinstance(previous, RecordedRuns):
+        empty = sorted({row for row, _ in previous.missing} - {r["row"] for r in runs})
+        if empty:
+            raise MissingRunError(
+                f"no recorded run of {', '.join(map(repr, empty))} with these settings"
+            )
     return runs
 
 
