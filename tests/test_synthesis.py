@@ -418,3 +418,14 @@ def test_report_warns_when_runs_used_different_classifiers():
     assert "different feature classifiers" not in same.table
     mixed = gan_result("x", "t", {}, specs, [0, 1], [record(0, "a"), record(1, "b")], **args)
     assert "different feature classifiers (weights a, b)" in mixed.table
+    assert "not with the one described above" not in mixed.table
+    # one classifier for every run, but not the one this command loaded (a report of runs
+    # recorded on another machine): the table says so
+    other = gan_result(
+        "x", "t", {}, specs, [0, 1], [record(0, "a"), record(1, "a")], classifier="c", **args
+    )
+    assert "classifier of weights a, not with the one described above (weights c)" in other.table
+    matching = gan_result(
+        "x", "t", {}, specs, [0, 1], [record(0, "a"), record(1, "a")], classifier="a", **args
+    )
+    assert "Warning" not in matching.table

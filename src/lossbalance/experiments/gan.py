@@ -495,6 +495,7 @@ class GanSetup:
         data: dataset name -> its (limited) data.
         classifiers: dataset name -> its feature classifier.
         classifier_info: dataset name -> the classifier's record (cache key, accuracy, ...).
+        classifier_digest: the digest :meth:`train` stored in each new run's record.
     """
 
     cfg: GanConfig
@@ -505,6 +506,7 @@ class GanSetup:
     data: dict[str, ClassificationData]
     classifiers: dict[str, FashionClassifier]
     classifier_info: dict[str, dict[str, Any]]
+    classifier_digest: str | None = None
 
     @classmethod
     def load(
@@ -547,7 +549,9 @@ class GanSetup:
         on_run: Callable[[dict[str, Any]], None] | None = None,
         classifier: str | None = None,
     ) -> list[dict[str, Any]]:
-        """:func:`run_gan_experiment` of every row and seed."""
+        """:func:`run_gan_experiment` of every row and seed; ``classifier`` (the feature
+        classifiers' weight digest) is kept for :meth:`result`."""
+        self.classifier_digest = classifier
         return run_gan_experiment(
             task,
             self.specs,
@@ -601,6 +605,7 @@ class GanSetup:
             notes=notes,
             sample_images=task.sample_references(),
             extra=extra,
+            classifier=self.classifier_digest,
         )
 
 
@@ -620,9 +625,14 @@ def gan_result(
     notes: Sequence[str],
     sample_images: list[tuple[str, dict[str, Any]]],
     extra: dict[str, Any] | None = None,
+    classifier: str | None = None,
 ) -> ExperimentResult:
     """Summary (``metric``), Markdown table (every column, mean ± std over seeds), metric
-    and training-loss plots, and the sample grid of an adversarial experiment."""
+    and training-loss plots, and the sample grid of an adversarial experiment.
+
+    ``classifier`` is the weight digest of the feature classifier the notes describe (the
+    one loaded by this command); the table warns when the runs were measured with another
+    one, for example in a report of runs resumed on another machine."""
     rows = [s.label for s in specs]
     by_row = {row: [r for r in runs if r["row"] == row] for row in rows}
     summary = {row: summarize([r["final"][metric] for r in by_row[row]]) for row in rows}
@@ -650,6 +660,13 @@ def gan_result(
             f"{', '.join(sorted(str(c) for c in classifiers))}), so their FD values are not "
             "comparable: a resumed command retrained the classifier instead of reusing the "
             "cached file. Keep --cache-dir (and its file) across the pieces of an experiment."
+        )
+    elif classifiers and classifier is not None and classifiers != {classifier}:
+        (used,) = classifiers
+        body.append(
+            f"- Warning: the runs were measured with the feature classifier of weights {used}, "
+            f"not with the one described above (weights {classifier}), which this command "
+            "loaded or retrained: FD values compare only with runs of the same classifier."
         )
     for row in rows:
         diverged = sum(1 for r in by_row[row] if not math.isfinite(r["final"][metric]))
