@@ -387,7 +387,8 @@ def plot_samples(result: ExperimentResult, path: str | Path) -> Path | None:
     )
     for ax, (label, images) in zip(axes[:, 0], rows, strict=True):
         # images of another size (a low-resolution input) are centred in a side x side cell
-        canvas = np.full((side, cols * (side + 2)), 255, dtype=np.uint8)
+        # a 2-pixel white gap between images, none after the last
+        canvas = np.full((side, cols * (side + 2) - 2), 255, dtype=np.uint8)
         for j, img in enumerate(images):
             h, w = img.shape
             r0, c0 = (side - h) // 2, j * (side + 2) + (side - w) // 2
@@ -405,7 +406,8 @@ def plot_samples(result: ExperimentResult, path: str | Path) -> Path | None:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    # "tight" keeps the long right-aligned row labels, which tight_layout cuts off
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
