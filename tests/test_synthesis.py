@@ -235,6 +235,25 @@ def test_classifier_is_cached_and_reused(tmp_path):
         load_or_train_classifier(data, tmp_path, cfg=ClassifierConfig(epochs=0))
 
 
+def test_classifier_weights_do_not_depend_on_the_thread_count(tmp_path):
+    # CPU kernels reduce in an order that depends on the thread count; the cached
+    # classifier (and so every FD value) must not depend on --threads, --jobs or the cores
+    data = _tiny_data(256)
+    cfg = ClassifierConfig(epochs=2, batch_size=64)
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            _, info = load_or_train_classifier(data, tmp_path / str(n), cfg=cfg)
+            assert info["trained"]
+            digests.append(info["weights_sha256"])
+            assert torch.get_num_threads() == n  # restored after training
+    finally:
+        torch.set_num_threads(threads)
+    assert len(set(digests)) == 1
+
+
 # ----------------------------------------------------------------------------- end to end
 
 _TINY = [

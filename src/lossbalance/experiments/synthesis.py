@@ -623,6 +623,45 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, device: torch.device) -> f
     return 100.0 * correct / max(1, int(y.shape[0]))
 
 
+def _train_classifier(
+    data: ClassificationData,
+    cfg: ClassifierConfig,
+    device: torch.device,
+    progress: Callable[[int], Any] | None,
+) -> tuple[FashionClassifier, float]:
+    """Train the feature classifier; returns it and its test accuracy (%).
+
+    On the CPU it trains on one thread: the kernels' reductions run in an order that
+    depends on the thread count, and the weights (so every FD value measured with them)
+    must not depend on ``--threads``, ``--jobs`` or the machine's cores."""
+    from lossbalance.experiments.harness import seed_everything
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        seed_everything(cfg.seed)
+        model = FashionClassifier().to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        n = int(data.train_y.shape[0])
+        x_all, y_all = data.train_x.to(device), data.train_y.to(device)
+        model.train()
+        for _ in range(cfg.epochs):
+            for index in torch.randperm(n, generator=gen).split(cfg.batch_size):
+                index = index.to(device)
+                xb = x_all[index].float().div(255.0).unsqueeze(1)
+                loss = F.cross_entropy(model(xb), y_all[index])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if progress is not None:
+                    progress(1)
+        return model, _accuracy(model, data.test_x, data.test_y, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_or_train_classifier(
     data: ClassificationData,
     cache_dir: str | Path,
@@ -635,7 +674,9 @@ def load_or_train_classifier(
 
     The file is ``<cache_dir>/<dataset>-classifier-<key>.pt`` with ``key`` from
     :func:`classifier_key`, so another configuration or other training data trains
-    another classifier instead of reusing a stale one. It is written atomically.
+    another classifier instead of reusing a stale one. It is written atomically. On the
+    CPU it is trained on one thread, so that its weights do not depend on the thread
+    count or on other load (they may still differ between CPU models).
 
     Args:
         data: the training (and test) images, uint8 ``(N, 28, 28)``.
@@ -664,26 +705,7 @@ def load_or_train_classifier(
         accuracy = float(blob["test_accuracy"])
         model.to(device)
     else:
-        from lossbalance.experiments.harness import seed_everything
-
-        seed_everything(cfg.seed)
-        model = FashionClassifier().to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        n = int(data.train_y.shape[0])
-        x_all, y_all = data.train_x.to(device), data.train_y.to(device)
-        model.train()
-        for _ in range(cfg.epochs):
-            for index in torch.randperm(n, generator=gen).split(cfg.batch_size):
-                index = index.to(device)
-                xb = x_all[index].float().div(255.0).unsqueeze(1)
-                loss = F.cross_entropy(model(xb), y_all[index])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if progress is not None:
-                    progress(1)
-        accuracy = _accuracy(model, data.test_x, data.test_y, device)
+        model, accuracy = _train_classifier(data, cfg, device, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
