@@ -271,6 +271,7 @@ def test_report_only_writes_the_recorded_runs_and_trains_nothing(tmp_path, capsy
     assert results["runs"] == [run]  # reused as is: nothing was trained
     assert results["config"]["device"] == "cuda"
     assert (gpu / "runs.jsonl").read_text() == checkpoint  # the input is kept
+    assert "- Seeds 0..0 (1 per row); mean" in (gpu / "results.md").read_text()
 
     # a missing run is left out and listed, not trained here
     capsys.readouterr()
@@ -280,7 +281,9 @@ def test_report_only_writes_the_recorded_runs_and_trains_nothing(tmp_path, capsy
     assert results["runs"] == [run] and results["seeds"] == [0, 1]
     assert results["missing_runs"] == [{"row": "Unbalanced-Adam", "seed": 1}]
     assert results["summary"]["Unbalanced-Adam"]["n"] == 1
-    assert "never recorded: Unbalanced-Adam, seed 1." in (gpu / "results.md").read_text()
+    table = (gpu / "results.md").read_text()
+    assert "never recorded: Unbalanced-Adam, seed 1." in table
+    assert "Seeds 0..1 (2 per row requested; 1 of the 2 runs are recorded" in table
     # a row without any recorded run is an error; the report is left as it was
     written = (gpu / "results.json").read_text()
     assert main([*argv[:2], "adam", "sgd-m", *argv[3:], "--report-only"]) == 1

@@ -59,6 +59,7 @@ from lossbalance.experiments.report import (
     encode_images,
     format_mean_std,
     markdown_table,
+    seeds_note,
     summarize,
     timing_note,
 )
@@ -648,7 +649,7 @@ def gan_result(
     body = [markdown_table(headers, table_rows), ""]
     body += [f"- {note}" for note in notes]
     body.append(
-        f"- Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)} per row); mean ± sample std (ddof = 1) "
+        f"- {seeds_note(seeds, len(runs), len(rows) * len(seeds))}; mean ± sample std (ddof = 1) "
         "of the final test metrics. ms / iter: one discriminator and one generator step, "
         "evaluation excluded."
     )

@@ -40,6 +40,7 @@ from lossbalance.experiments.report import (
     ExperimentResult,
     format_mean_std,
     markdown_table,
+    seeds_note,
     summarize,
     timing_note,
 )
@@ -175,7 +176,7 @@ def class_terms_result(
     body = [markdown_table(headers, table_rows), ""]
     body += [f"- {note}" for note in (notes or [])]
     body.append(
-        f"- Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)} per row); mean ± sample std (ddof = 1) "
+        f"- {seeds_note(seeds, len(runs), len(rows) * len(seeds))}; mean ± sample std (ddof = 1) "
         "of the final test accuracy. ms / iter: training time per step, evaluation excluded."
     )
     body += [f"- {note}" for note in timing_note(config)]

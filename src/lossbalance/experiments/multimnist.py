@@ -25,6 +25,7 @@ from lossbalance.experiments.report import (
     ExperimentResult,
     format_mean_std,
     markdown_table,
+    seeds_note,
     summarize,
     timing_note,
 )
@@ -190,7 +191,7 @@ def run(
         f"- Shared LeNet trunk + one head per task, {cfg.epochs} epochs, batch {cfg.batch_size}, "
         f"lr {cfg.lr:g}, Adam for every method but MTAdam; gradient balancers use "
         f"{cfg.grad_source}-level gradients.",
-        f"- Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)} per row); mean ± sample std. "
+        f"- {seeds_note(seeds, len(runs), len(rows) * len(seeds))}; mean ± sample std. "
         "ms / iter: training time per step, evaluation excluded, averaged over both groups.",
     ]
     body += [f"- {note}" for note in timing_note(config)]

@@ -185,6 +185,19 @@ def format_mean_std(stats: Mapping[str, Any], digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def seeds_note(seeds: Sequence[int], recorded: int, expected: int) -> str:
+    """The table note's opening on the seeds: ``"Seeds 0..2 (3 per row)"``, or, when the
+    report holds fewer runs than requested (``--report-only`` of an unfinished
+    experiment), how many it holds."""
+    text = f"Seeds {seeds[0]}..{seeds[-1]} ({len(seeds)} per row"
+    if recorded >= expected:
+        return text + ")"
+    return (
+        f"{text} requested; {recorded} of the {expected} runs are recorded, and each row's "
+        "statistics use the runs it has)"
+    )
+
+
 def timing_note(config: Mapping[str, Any]) -> list[str]:
     """A table note when the runs were trained several at once (``--jobs``)."""
     jobs = int(config.get("jobs", 1) or 1)
