@@ -32,6 +32,7 @@ from lossbalance.experiments.report import (
     PNG_SIGNATURE,
     format_mean_std,
     markdown_table,
+    negative_projection_note,
     summarize,
     to_jsonable,
     write_json,
@@ -335,6 +336,9 @@ def test_mtadam_and_balancer_runs_record_traces(digits):
     )
     mt, imtl, unc = runs
     assert mt["skipped_steps"] == 0
+    assert mt["negative_projection_steps"] is None and unc["negative_projection_steps"] is None
+    assert isinstance(imtl["negative_projection_steps"], int)
+    assert 0 <= imtl["negative_projection_steps"] <= imtl["steps"]
     assert mt["trace"]["magnitudes"] and len(mt["trace"]["magnitudes"][0]) == 10
     assert imtl["trace"]["weights"] and len(imtl["trace"]["weights"][-1]) == 10
     assert unc["trace"]["weights"]
@@ -382,6 +386,20 @@ def test_json_writer_is_strict(tmp_path):
         "a": None,
         "b": [1, 2.5, [1.0, None]],
     }
+
+
+def test_negative_projection_note():
+    runs = [
+        {"row": "imtl", "seed": 1, "negative_projection_steps": 2},
+        {"row": "imtl", "seed": 0, "negative_projection_steps": 0},
+        {"row": "adam", "seed": 0, "negative_projection_steps": None},
+        {"row": "imtl [x10]", "seed": 0},  # recorded before the count
+        {"row": "imtl [x10]", "seed": 1, "negative_projection_steps": 5},
+    ]
+    note = negative_projection_note(["adam", "imtl", "imtl [x10]"], runs)
+    assert note is not None
+    assert note.endswith(": imtl: 0, 2; imtl [x10]: -, 5.")
+    assert negative_projection_note(["adam", "imtl"], runs[2:4]) is None
 
 
 def test_markdown_table():

@@ -789,6 +789,25 @@ def test_imtl_g_direction_is_scale_invariant(matrix: torch.Tensor, seed: int) ->
     assert abs(cosine) >= 1 - 1e-9
 
 
+@pytest.mark.parametrize("cls", [IMTLG, IMTL])
+def test_imtl_counts_negative_projection_steps(cls: type) -> None:
+    balancer = cls(3)
+    rng = np.random.default_rng(0)
+    expected = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LossBalanceWarning)
+        for _ in range(40):
+            # rows of very different norms: a fair share of these give a negative projection
+            matrix = torch.from_numpy(rng.normal(size=(3, 4)) * [[1.0], [5.0], [0.2]])
+            gram = (matrix @ matrix.T).to(DEVICE)
+            alpha = balancer.weights(gram, torch.ones(3, dtype=F64, device=DEVICE))
+            projection = float((alpha @ gram)[0]) / float(gram[0, 0].sqrt())
+            expected += projection < 0
+    assert 0 < expected < 40
+    assert balancer.negative_projection_steps == expected
+    assert "negative_projection_steps" not in str(balancer.state_dict().keys())
+
+
 def test_imtl_g_degenerate_rows() -> None:
     g = random_matrix(19, 3, 6, log10_scale=(-2, 2))
     # a zero row gets 0 and the others are balanced among themselves

@@ -32,7 +32,9 @@ _PAPER = "Liu et al., ICLR 2021"
 
 
 @single_blas_thread
-def _imtl_g(gram: Tensor, method: str) -> Tensor:
+def _imtl_g(gram: Tensor, method: str) -> tuple[Tensor, bool]:
+    """IMTL-G weights and whether their common projection is negative (sum(alpha) = 1
+    with ``sum_j beta_j / ||g_j|| < 0``)."""
     m = gramian_to_numpy(gram)
     k = m.shape[0]
     diag = np.diag(m).copy()
@@ -41,7 +43,7 @@ def _imtl_g(gram: Tensor, method: str) -> Tensor:
     live = np.flatnonzero(~zero)
     if live.size == 0:
         # Every gradient is zero: any weights give the same (zero) gradient.
-        return to_weights(np.full(k, 1.0 / k), gram)
+        return to_weights(np.full(k, 1.0 / k), gram), False
     norms = np.sqrt(diag[live])
     cosines = m[np.ix_(live, live)] / np.outer(norms, norms)
     # g = sum_i beta_i u_i has equal projections onto every u_j iff C beta is constant.
@@ -63,7 +65,8 @@ def _imtl_g(gram: Tensor, method: str) -> Tensor:
             stacklevel=4,
         )
         total = float(np.abs(raw).sum())
-    elif total < 0.0:
+    negative = total < 0.0
+    if negative:
         warn_once(
             f"{method}:negative-projection",
             f"{method}: with sum(alpha) = 1 the combined gradient has the same negative "
@@ -72,13 +75,13 @@ def _imtl_g(gram: Tensor, method: str) -> Tensor:
             stacklevel=4,
         )
     alpha[live] = raw / total
-    return to_weights(alpha, gram)
+    return to_weights(alpha, gram), negative
 
 
 def imtl_g_weights_from_gramian(gram: Tensor) -> Tensor:
     """IMTL-G weights from the K x K Gramian ``G G^T``; see :func:`imtl_g_weights`."""
     check_gramian(gram)
-    return _imtl_g(gram, "imtl-g")
+    return _imtl_g(gram, "imtl-g")[0]
 
 
 def imtl_g_weights(matrix: Tensor) -> Tensor:
@@ -189,12 +192,25 @@ class IMTLG(GradientBalancer):
     Differences from the paper: the paper differentiates with respect to the shared
     features z rather than the shared parameters to save time; that is the engine's
     feature mode (the Gramian of the feature gradients).
+
+    Attributes:
+        negative_projection_steps: how many calls of :meth:`weights` since construction
+            met the case where the paper's ``sum(alpha) = 1`` makes the common projection
+            negative (a step then increases every term to first order; see
+            :func:`imtl_g_weights`). A diagnostic, not optimisation state: it is not in
+            ``state_dict`` and only the first occurrence in a process warns.
     """
+
+    def __init__(self, num_terms: int) -> None:
+        super().__init__(num_terms)
+        self.negative_projection_steps = 0
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         check_gramian(gramian, self.num_terms, type(self).__name__)
         self._check_terms(losses)
-        return self._record(_imtl_g(gramian, "imtl-g"))
+        alpha, negative = _imtl_g(gramian, "imtl-g")
+        self.negative_projection_steps += int(negative)
+        return self._record(alpha)
 
 
 class IMTLL(LossBalancer):
@@ -262,11 +278,16 @@ class IMTL(GradientBalancer):
 
     Differences from the paper: as for :class:`IMTLG`, the paper uses the gradients with
     respect to the shared features (the engine's feature mode).
+
+    Attributes:
+        negative_projection_steps: as :attr:`IMTLG.negative_projection_steps` (not in
+            ``state_dict``, which holds ``log_scales``).
     """
 
     def __init__(self, num_terms: int) -> None:
         super().__init__(num_terms)
         self.log_scales = nn.Parameter(torch.zeros(num_terms))
+        self.negative_projection_steps = 0
 
     def transform(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
@@ -276,7 +297,9 @@ class IMTL(GradientBalancer):
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         check_gramian(gramian, self.num_terms, type(self).__name__)
         self._check_terms(losses)
-        return self._record(_imtl_g(gramian, "imtl"))
+        alpha, negative = _imtl_g(gramian, "imtl")
+        self.negative_projection_steps += int(negative)
+        return self._record(alpha)
 
 
 register(

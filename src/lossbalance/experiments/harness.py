@@ -115,6 +115,8 @@ class Stepper(Protocol):
 
     def skipped_steps(self) -> int | None: ...
 
+    def negative_projection_steps(self) -> int | None: ...
+
 
 class _SumStepper:
     """A torch optimizer on the plain sum of the (already weighted) terms."""
@@ -134,6 +136,9 @@ class _SumStepper:
         return None
 
     def skipped_steps(self) -> int | None:
+        return None
+
+    def negative_projection_steps(self) -> int | None:
         return None
 
 
@@ -162,6 +167,9 @@ class _MultiTermOptimizerStepper:
     def skipped_steps(self) -> int | None:
         skipped = getattr(self.optimizer, "skipped_steps", None)
         return None if skipped is None else int(skipped)
+
+    def negative_projection_steps(self) -> int | None:
+        return None
 
 
 class _BalancerStepper:
@@ -194,6 +202,11 @@ class _BalancerStepper:
 
     def skipped_steps(self) -> int | None:
         return None
+
+    def negative_projection_steps(self) -> int | None:
+        # IMTL-G and hybrid IMTL count the steps whose common projection is negative
+        count = getattr(self.balancer, "negative_projection_steps", None)
+        return None if count is None else int(count)
 
 
 def _torch_optimizer(
@@ -437,6 +450,7 @@ def train_loop(
         "time_per_iter_s": train_time / max(1, steps),
         "nonfinite_steps": int(nonfinite),
         "skipped_steps": stepper.skipped_steps(),
+        "negative_projection_steps": stepper.negative_projection_steps(),
         "trace": trace,
     }
 

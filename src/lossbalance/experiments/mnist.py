@@ -40,6 +40,7 @@ from lossbalance.experiments.report import (
     ExperimentResult,
     format_mean_std,
     markdown_table,
+    negative_projection_note,
     seeds_note,
     summarize,
     timing_note,
@@ -180,6 +181,9 @@ def class_terms_result(
         "of the final test accuracy. ms / iter: training time per step, evaluation excluded."
     )
     body += [f"- {note}" for note in timing_note(config)]
+    negative = negative_projection_note(rows, runs)
+    if negative is not None:
+        body.append(f"- {negative}")
     for row, count in diverged.items():
         if count:
             body.append(

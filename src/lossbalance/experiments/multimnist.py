@@ -25,6 +25,7 @@ from lossbalance.experiments.report import (
     ExperimentResult,
     format_mean_std,
     markdown_table,
+    negative_projection_note,
     seeds_note,
     summarize,
     timing_note,
@@ -195,6 +196,9 @@ def run(
         "ms / iter: training time per step, evaluation excluded, averaged over both groups.",
     ]
     body += [f"- {note}" for note in timing_note(config)]
+    negative = negative_projection_note(rows, runs)
+    if negative is not None:
+        body.append(f"- {negative}")
     return ExperimentResult(
         name="multimnist",
         title="MultiMNIST, three tasks, original and rescaled losses (IMTL paper, Table 1 protocol)",

@@ -32,6 +32,7 @@ __all__ = [
     "load_previous_runs",
     "markdown_table",
     "mean_or_none",
+    "negative_projection_note",
     "plot_metrics",
     "plot_samples",
     "plot_traces",
@@ -208,6 +209,27 @@ def timing_note(config: Mapping[str, Any]) -> list[str]:
         f"same device (--jobs {jobs}): they compare the rows only roughly. The scripts in "
         "benchmarks/ time the methods alone."
     ]
+
+
+def negative_projection_note(rows: Sequence[str], runs: Sequence[Mapping[str, Any]]) -> str | None:
+    """A table note with the steps of each IMTL-G or hybrid-IMTL run whose common projection
+    was negative (``negative_projection_steps`` of the run records, in seed order), or
+    ``None`` when no run counted them (no such row, or runs recorded before the count)."""
+    parts = []
+    for row in rows:
+        row_runs = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
+        counts = [r.get("negative_projection_steps") for r in row_runs]
+        if any(c is not None for c in counts):
+            listed = ", ".join("-" if c is None else str(c) for c in counts)
+            parts.append(f"{row}: {listed}")
+    if not parts:
+        return None
+    return (
+        "Steps per run (seed order) where IMTL-G's sum(alpha) = 1 gave every unit gradient "
+        "the same negative projection, so that the step raised every term to first order: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
