@@ -24,7 +24,7 @@ from lossbalance.experiments.data import (
     md5sum,
     read_idx,
 )
-from lossbalance.experiments.harness import TrainConfig, run_experiment, train_run
+from lossbalance.experiments.harness import TrainConfig, run_experiment, train_loop, train_run
 from lossbalance.experiments.methods import resolve_method, resolve_methods
 from lossbalance.experiments.mnist import class_terms_result
 from lossbalance.experiments.models import DigitsMLP, MnistCNN, MultiMnistNet
@@ -339,12 +339,68 @@ def test_mtadam_and_balancer_runs_record_traces(digits):
     assert mt["negative_projection_steps"] is None and unc["negative_projection_steps"] is None
     assert isinstance(imtl["negative_projection_steps"], int)
     assert 0 <= imtl["negative_projection_steps"] <= imtl["steps"]
+    assert len(imtl["negative_projection_at"]) == imtl["negative_projection_steps"]
+    assert mt["negative_projection_at"] is None
     assert mt["trace"]["magnitudes"] and len(mt["trace"]["magnitudes"][0]) == 10
     assert imtl["trace"]["weights"] and len(imtl["trace"]["weights"][-1]) == 10
     assert unc["trace"]["weights"]
     for run in runs:
         assert all(math.isfinite(v) for v in run["final"].values())
         assert run["time_per_iter_s"] > 0
+
+
+class _CountingStepper:
+    """A stepper whose negative-projection counter rises at given steps (twice at one)."""
+
+    def __init__(self, rises: dict[int, int] | None) -> None:
+        self.rises, self.count, self.steps = rises, 0, 0
+
+    def step(self, terms, features):
+        self.steps += 1
+        self.count += (self.rises or {}).get(self.steps, 0)
+
+    def weights(self):
+        return None
+
+    def magnitudes(self):
+        return None
+
+    def skipped_steps(self):
+        return None
+
+    def negative_projection_steps(self):
+        return None if self.rises is None else self.count
+
+
+@pytest.mark.parametrize("rises", [None, {}, {2: 1, 5: 2, 7: 1}])
+def test_train_loop_records_the_negative_projection_steps(rises):
+    stepper = _CountingStepper(rises)
+
+    def step(index):
+        stepper.step([], None)
+        return torch.ones(2)
+
+    cfg = TrainConfig(epochs=2, batch_size=4, trace_points=3)
+    record = train_loop(
+        16,
+        step,
+        lambda: {"acc": 0.0},
+        stepper,
+        resolve_method("imtl-g", weighted=True),
+        0,
+        torch.ones(2),
+        cfg,
+        metric="acc",
+    )
+    assert record["steps"] == 8
+    if rises is None:
+        assert record["negative_projection_steps"] is None
+        assert record["negative_projection_at"] is None
+    else:
+        assert record["negative_projection_steps"] == sum(rises.values())
+        assert record["negative_projection_at"] == [
+            s for s in sorted(rises) for _ in range(rises[s])
+        ]
 
 
 def test_nan_terms_are_reported_honestly(digits):

@@ -307,8 +307,9 @@ def train_run(
     before training and at every evaluation (``history``, with fractional ``epoch``), the
     final metrics, step count, training time (evaluation excluded) and time per
     iteration, the number of steps whose terms were not all finite, MTAdam's skipped
-    steps when it counts them, and a subsampled trace of the terms, the balancer's
-    weights and MTAdam's magnitudes.
+    steps when it counts them, IMTL-G's negative-projection steps (their count and the
+    step numbers, ``None`` for other methods), and a subsampled trace of the terms, the
+    balancer's weights and MTAdam's magnitudes.
     """
     seed_everything(seed)
     device = cfg.device
@@ -386,6 +387,9 @@ def train_loop(
     row = label or spec.label
     logger = _term_logger(cfg.log_dir, group, row, seed)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    # the steps at which IMTL-G's common projection was negative (its counter, a host int)
+    negative_count = stepper.negative_projection_steps()
+    negative_at: list[int] | None = None if negative_count is None else []
     train_time = 0.0
     steps = 0
     bar = _bar(total_steps, f"{row} s{seed}", cfg.progress, position, leave=False)
@@ -398,6 +402,10 @@ def train_loop(
             values = step(index.to(device))
             nonfinite += (~torch.isfinite(values).all()).long()
             steps += 1
+            if negative_at is not None:
+                count = stepper.negative_projection_steps() or 0
+                negative_at += [steps] * (count - (negative_count or 0))
+                negative_count = count
             bar.update()
             record = steps % trace_every == 0 or steps == 1
             evaluating = (b + 1) in eval_after
@@ -451,6 +459,7 @@ def train_loop(
         "nonfinite_steps": int(nonfinite),
         "skipped_steps": stepper.skipped_steps(),
         "negative_projection_steps": stepper.negative_projection_steps(),
+        "negative_projection_at": negative_at,
         "trace": trace,
     }
 
