@@ -452,10 +452,9 @@ def test_negative_projection_note():
         {"row": "imtl [x10]", "seed": 0},  # recorded before the count
         {"row": "imtl [x10]", "seed": 1, "negative_projection_steps": 5},
     ]
-    note = negative_projection_note(["adam", "imtl", "imtl [x10]"], runs)
-    assert note is not None
+    (note,) = negative_projection_note(["adam", "imtl", "imtl [x10]"], runs)
     assert note.endswith(": imtl: 0, 2; imtl [x10]: -, 5.")
-    assert negative_projection_note(["adam", "imtl"], runs[2:4]) is None
+    assert negative_projection_note(["adam", "imtl"], runs[2:4]) == []
 
 
 def test_markdown_table():

@@ -388,8 +388,8 @@ def train_loop(
     logger = _term_logger(cfg.log_dir, group, row, seed)
     nonfinite = torch.zeros((), dtype=torch.int64, device=device)
     # the steps at which IMTL-G's common projection was negative (its counter, a host int)
-    negative_count = stepper.negative_projection_steps()
-    negative_at: list[int] | None = None if negative_count is None else []
+    negative_seen = stepper.negative_projection_steps()
+    negative_at: list[int] | None = None if negative_seen is None else []
     train_time = 0.0
     steps = 0
     bar = _bar(total_steps, f"{row} s{seed}", cfg.progress, position, leave=False)
@@ -402,10 +402,10 @@ def train_loop(
             values = step(index.to(device))
             nonfinite += (~torch.isfinite(values).all()).long()
             steps += 1
-            if negative_at is not None:
+            if negative_at is not None and negative_seen is not None:
                 count = stepper.negative_projection_steps() or 0
-                negative_at += [steps] * (count - (negative_count or 0))
-                negative_count = count
+                negative_at += [steps] * (count - negative_seen)
+                negative_seen = count
             bar.update()
             record = steps % trace_every == 0 or steps == 1
             evaluating = (b + 1) in eval_after

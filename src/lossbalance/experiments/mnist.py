@@ -181,9 +181,7 @@ def class_terms_result(
         "of the final test accuracy. ms / iter: training time per step, evaluation excluded."
     )
     body += [f"- {note}" for note in timing_note(config)]
-    negative = negative_projection_note(rows, runs)
-    if negative is not None:
-        body.append(f"- {negative}")
+    body += [f"- {note}" for note in negative_projection_note(rows, runs)]
     for row, count in diverged.items():
         if count:
             body.append(

@@ -196,9 +196,7 @@ def run(
         "ms / iter: training time per step, evaluation excluded, averaged over both groups.",
     ]
     body += [f"- {note}" for note in timing_note(config)]
-    negative = negative_projection_note(rows, runs)
-    if negative is not None:
-        body.append(f"- {negative}")
+    body += [f"- {note}" for note in negative_projection_note(rows, runs)]
     return ExperimentResult(
         name="multimnist",
         title="MultiMNIST, three tasks, original and rescaled losses (IMTL paper, Table 1 protocol)",

@@ -211,10 +211,10 @@ def timing_note(config: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def negative_projection_note(rows: Sequence[str], runs: Sequence[Mapping[str, Any]]) -> str | None:
+def negative_projection_note(rows: Sequence[str], runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """A table note with the steps of each IMTL-G or hybrid-IMTL run whose common projection
-    was negative (``negative_projection_steps`` of the run records, in seed order), or
-    ``None`` when no run counted them (no such row, or runs recorded before the count)."""
+    was negative (``negative_projection_steps`` of the run records, in seed order); none
+    when no run counted them (no such row, or runs recorded before the count)."""
     parts = []
     for row in rows:
         row_runs = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
@@ -223,13 +223,13 @@ def negative_projection_note(rows: Sequence[str], runs: Sequence[Mapping[str, An
             listed = ", ".join("-" if c is None else str(c) for c in counts)
             parts.append(f"{row}: {listed}")
     if not parts:
-        return None
-    return (
+        return []
+    return [
         "Steps per run (seed order) where IMTL-G's sum(alpha) = 1 gave every unit gradient "
         "the same negative projection, so that the step raised every term to first order: "
         + "; ".join(parts)
         + "."
-    )
+    ]
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:
