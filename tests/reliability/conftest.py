@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 _outcomes: dict[str, int] = {}
-
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -67,9 +67,15 @@ def positive_terms(outs: list[Tensor], y: Tensor) -> list[Tensor]:
 FAULTS = {
     # name -> terms built from the heads' outputs: each a list of K scalar losses
     "nan-loss": lambda outs, y: [*positive_terms(outs, y)[:2], outs[2].mean() * math.nan],
-    "inf-loss": lambda outs, y: [positive_terms(outs, y)[0], outs[1].sum() * math.inf, outs[2].pow(2).mean()],
+    "inf-loss": lambda outs, y: [
+        positive_terms(outs, y)[0],
+        outs[1].sum() * math.inf,
+        outs[2].pow(2).mean(),
+    ],
     "zero-gradient-term": lambda outs, y: [*positive_terms(outs, y)[:2], 0.0 * outs[2].sum() + 1.0],
-    "duplicate-terms": lambda outs, y: [positive_terms(outs, y)[0]] * 2 + [positive_terms(outs, y)[1]],
+    "duplicate-terms": lambda outs, y: (
+        [positive_terms(outs, y)[0]] * 2 + [positive_terms(outs, y)[1]]
+    ),
     "opposite-terms": lambda outs, y: [
         10.0 + outs[0].mean(),
         10.0 - outs[0].mean(),
@@ -120,7 +126,9 @@ def train_step(name, model, balancer, opt, losses_of, step: int, dtype=torch.flo
 def snapshot(model, balancer, opt) -> list[Tensor]:
     tensors = [p.detach().clone() for p in model.parameters()]
     if balancer is not None:
-        tensors += [t.detach().clone() for t in balancer.state_dict().values() if isinstance(t, Tensor)]
+        tensors += [
+            t.detach().clone() for t in balancer.state_dict().values() if isinstance(t, Tensor)
+        ]
     for state in opt.state.values():
         tensors += [v.detach().clone() for v in state.values() if isinstance(v, Tensor)]
     return tensors
@@ -238,7 +246,10 @@ def conv_step(name: str, channels_last: bool, grad_mode: str):
         return list(model.parameters())
     balancer = lossbalance.create(name, K, **KWARGS.get(name, {})).double()
     lossbalance.backward(
-        losses, balancer, shared=model.trunk, features=z if grad_mode == "feature" else None,
+        losses,
+        balancer,
+        shared=model.trunk,
+        features=z if grad_mode == "feature" else None,
         mode=grad_mode,
     )
     return [p.grad for p in model.parameters()]
@@ -329,7 +340,7 @@ TAMPERS = {
 
 @pytest.mark.parametrize("tamper", sorted(TAMPERS))
 def test_mtadam_refuses_a_tampered_checkpoint(tamper: str) -> None:
-    model, opt = trained_mtadam()
+    _, opt = trained_mtadam()
     sd = copy.deepcopy(opt.state_dict())
     TAMPERS[tamper](sd)
     before = copy.deepcopy(opt.state_dict())
