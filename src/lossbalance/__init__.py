@@ -30,10 +30,16 @@ from lossbalance._uniform import FixedWeights, Uniform
 
 # --- gradient level ---
 # isort: split
+from lossbalance._aligned_mtl import AlignedMTL
+from lossbalance._cagrad import CAGrad
+from lossbalance._config import ConFIG
+from lossbalance._fairgrad import FairGrad
 from lossbalance._gradnorm import GradNorm, GradNormalization
 from lossbalance._imtl import IMTL, IMTLG, IMTLL
 from lossbalance._mgda import MGDA, MGDAClosedForm
+from lossbalance._nash_mtl import NashMTL
 from lossbalance._pcgrad import PCGrad
+from lossbalance._upgrad import DualProj, UPGrad
 
 # --- engine entry point ---
 # isort: split
@@ -55,8 +61,13 @@ __all__ = [
     "IMTLL",
     "MGDA",
     "Accumulator",
+    "AlignedMTL",
     "Balancer",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
     "DynamicNormalization",
+    "FairGrad",
     "FixedWeights",
     "GradNorm",
     "GradNormalization",
@@ -67,8 +78,10 @@ __all__ = [
     "MGDAClosedForm",
     "MTAdam",
     "MethodInfo",
+    "NashMTL",
     "PCGrad",
     "TermLogger",
+    "UPGrad",
     "UncertaintyWeighting",
     "Uniform",
     "__version__",
