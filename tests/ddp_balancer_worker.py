@@ -121,11 +121,11 @@ def train(cfg: dict, rank: int, world: int, group: object = "auto") -> dict:
         if micro > 1
         else None
     )
-    collectives = []
+    collectives, checks = [], []
     for step in range(STEPS):
         if cfg.get("nan") and step == NAN_STEP and world == 1:
             continue  # the reference never sees the poisoned batch
-        before = CALLS[0]
+        before, checked = CALLS[0], CHECKS[0]
         x, y, c = batch(step)
         lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
         x, y, c = x[lo:hi], y[lo:hi], c[lo:hi]
@@ -152,6 +152,7 @@ def train(cfg: dict, rank: int, world: int, group: object = "auto") -> dict:
         if acc is not None:
             weights = acc.backward()
         collectives.append(CALLS[0] - before)
+        checks.append(CHECKS[0] - checked)
         if cfg.get("nan") and step == NAN_STEP:
             assert torch.isnan(weights).all(), weights
             assert all(p.grad is None for p in model.parameters())
@@ -165,16 +166,18 @@ def train(cfg: dict, rank: int, world: int, group: object = "auto") -> dict:
         "params": [p.detach().clone() for p in model.parameters()],
         "balancer": copy.deepcopy(balancer.state_dict()),
         "collectives": collectives,
+        "checks": checks,
     }
 
 
-CALLS = [0]
+CALLS = [0]  # all-reduces
+CHECKS = [0]  # all-gathers: the layout checks
 
 
-def counting(all_reduce):
+def counting(collective, calls):
     def wrapper(*args, **kwargs):
-        CALLS[0] += 1
-        return all_reduce(*args, **kwargs)
+        calls[0] += 1
+        return collective(*args, **kwargs)
 
     return wrapper
 
@@ -183,7 +186,9 @@ def worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)  # tiny models: threads would only fight over the cores
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     group = dist.new_group([0, 1])
-    dist.all_reduce = counting(dist.all_reduce)  # what lossbalance calls, counted per step
+    # what lossbalance calls, counted per step
+    dist.all_reduce = counting(dist.all_reduce, CALLS)
+    dist.all_gather = counting(dist.all_gather, CHECKS)
     warnings.simplefilter("ignore")  # skipped steps and fallbacks warn; tested elsewhere
     results = {}
     for cfg in configs():

@@ -93,6 +93,8 @@ def test_collectives_per_step(runs, cfg):
     counts = rank0[key]["collectives"]
     assert counts == rank1[key]["collectives"]
     assert len(counts) == worker.STEPS
+    # one layout check (a small all-gather) before the first all-reduce of every step
+    assert rank0[key]["checks"] == rank1[key]["checks"] == [1] * worker.STEPS, key
     for step, count in enumerate(counts):
         if cfg.get("nan") and step == worker.NAN_STEP:
             # the averaged losses are NaN: every rank stops after the first collective

@@ -166,7 +166,9 @@ class Accumulator:
             )
         self._sums = None
         try:
-            return sums.finish(resolve_group(self.process_group), self._scaler)
+            return sums.finish(
+                resolve_group(self.process_group), self._scaler, "Accumulator.backward"
+            )
         except _Skip as skip:
             assert sums.loss_like is not None
             return skip.resolve(

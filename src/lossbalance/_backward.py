@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from lossbalance._base import Balancer, GradientBalancer
-from lossbalance._distributed import all_reduce_mean, resolve_group, world_size
+from lossbalance._distributed import (
+    all_reduce_mean,
+    check_layout,
+    layout_of,
+    resolve_group,
+    world_size,
+)
 from lossbalance._engine import (
     GRAMIAN_MODES,
     _add_gramian,
@@ -490,11 +496,24 @@ def _loss_level_distributed(
     # collective would need the K per-term gradients of every parameter instead.
     with torch.enable_grad():
         stacked = torch.stack(items)
+    leaves = reachable_leaves(items)
+    count, elements, order = layout_of(leaves)
+    check_layout(
+        "lossbalance.backward",
+        2,
+        [
+            ("has {} loss terms", len(items)),
+            ("reaches {} leaves", count, _UNREACHED),
+            ("reaches {} leaf elements", elements, _UNREACHED),
+            ("orders its leaves' sizes differently (checksum {})", order),
+        ],
+        group,
+        stacked.device,
+    )
     (losses,) = all_reduce_mean([stacked.detach()], group)
     _check_finite("losses", "a loss is not finite (on some rank)", [losses])
     scale = _scale_of(_touch(scaler, stacked))
     w, weights, own_writes = _loss_weights(balancer, losses, scale)
-    leaves = reachable_leaves(items)
     with torch.enable_grad():
         upstream = _times(w.to(stacked), scale)
         grads = torch.autograd.grad(
@@ -512,6 +531,31 @@ def _touch(scaler: torch.amp.GradScaler | None, like: Tensor) -> torch.amp.GradS
     if scaler is not None and scaler._scale is None:
         scaler.scale(like.detach())
     return scaler
+
+
+# Why a rank can reach fewer leaves, and the way out: a rank can write only the leaves it
+# holds, and it holds only those its losses reach.
+_UNREACHED = (
+    "a parameter that the losses reach on some ranks only, such as the head of a task "
+    "with no samples in a rank's shard, must stay in the graph on every rank: run the head "
+    "on the empty selection there (head(z[mask]) with a sum over the samples divided by "
+    "the shard size), which gives it zero gradients"
+)
+
+
+def _layout_entries(
+    k: int, shared: Sequence[Tensor], others: Sequence[Tensor]
+) -> list[tuple[str, int] | tuple[str, int, str]]:
+    """The layout signature of a gradient-level path, for :func:`check_layout`."""
+    count, elements, _ = layout_of(others)
+    return [
+        ("has {} loss terms", k),
+        ("has {} shared parameters", len(shared)),
+        ("has {} shared elements", sum(p.numel() for p in shared)),
+        ("reaches {} leaves outside `shared`", count, _UNREACHED),
+        ("reaches {} leaf elements outside `shared`", elements, _UNREACHED),
+        ("orders its leaves' sizes differently (checksum {})", layout_of([*shared, *others])[2]),
+    ]
 
 
 def _average_writes(
@@ -687,6 +731,13 @@ def _features_distributed(
     # for GradNorm), known only once the averaged losses are in: those leaves wait for one
     # pass after the balancer. Without a transform c = 1 and the head passes give them.
     late = others if _has_transform(balancer) or weigh_heads else []
+    check_layout(
+        "lossbalance.backward",
+        3,
+        _layout_entries(len(items), params, others),
+        group,
+        items[0].device,
+    )
     scaled = _scaled(items, scaler)
     scale = _scale_of(scaler)
     with torch.enable_grad():
@@ -805,8 +856,17 @@ class TermSums:
         self.loss_like = items[0].detach()
         self.count += 1
 
-    def finish(self, group: Any, scaler: torch.amp.GradScaler | None) -> Tensor:
-        """Average over ``group`` (one all-reduce), balance, write ``.grad``; weights."""
+    def finish(
+        self,
+        group: Any,
+        scaler: torch.amp.GradScaler | None,
+        where: str = "lossbalance.backward",
+    ) -> Tensor:
+        """Average over ``group`` (one all-reduce), balance, write ``.grad``; weights.
+
+        Under ``torch.distributed`` the all-reduce is preceded by :func:`check_layout` (one
+        all-gather of 8 integers), so that ranks with other terms or leaves raise the same
+        error (naming ``where``) instead of aborting in gloo."""
         assert self.losses is not None and self.loss_like is not None
         k = self.balancer.num_terms
         leaves = self.leaves()
@@ -815,6 +875,10 @@ class TermSums:
         gram = self.gram
         losses = self.losses
         if group is not None:
+            entries = _layout_entries(k, self.shared, self.others)
+            gramian = ("sums the features' Gramian: {} (1 in feature mode)", int(gram is not None))
+            entries.insert(3, gramian)
+            check_layout(where, 4, entries, group, losses.device)
             dense = [
                 torch.zeros(self._shape(j, p, k), dtype=p.dtype, device=p.device)
                 if g is None

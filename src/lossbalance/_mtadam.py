@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lossbalance._distributed import all_reduce_mean, resolve_group
+from lossbalance._distributed import all_reduce_mean, check_layout, layout_of, resolve_group
 from lossbalance._engine import GRAD_MODES, term_grads
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import (
@@ -602,21 +602,49 @@ class MTAdam(Optimizer):
     ) -> tuple[dict[Tensor, Tensor], Tensor]:
         """Average per-term gradients and losses over the ranks in one collective.
 
-        Every parameter that requires grad takes part (zeros where no term reached it on
-        this rank) so that all ranks agree on the layout. A NaN on any rank reaches every
-        rank through the sum, so all ranks skip that step together.
+        Every parameter that requires grad takes part, zeros where no term reached it on
+        this rank, with a flag saying whether one did, so that all ranks send the same
+        layout. A parameter that some rank reached gets the mean over all ranks, zeros
+        included: one process on the concatenated batch (mean-reduced losses on equal
+        shards), where the samples of the other ranks contribute nothing to it. A parameter
+        that no rank reached is left out, as one process leaves it (its step counter,
+        moments and magnitudes do not move). A NaN on any rank reaches every rank through
+        the sum, so all ranks skip that step together.
+
+        The flags are read on the host only when this rank missed some parameter (else
+        every rank's union is all of them), so a step that reaches every parameter stays
+        sync-free. Before the all-reduce, :func:`check_layout` (one all-gather of 8
+        integers) compares the number of terms and the parameters' count and sizes: ranks
+        that differ raise the same error instead of aborting in gloo.
         """
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        home = params[0].device if params else torch.device("cpu")
+        count, elements, order = layout_of(params)
+        check_layout(
+            "MTAdam.step",
+            1,
+            [
+                ("has {} loss terms", num),
+                ("has {} parameters that require grad", count),
+                ("has {} parameter elements", elements),
+                ("orders its parameters' sizes differently (checksum {})", order),
+            ],
+            group,
+            home,
+        )
+        reached = [p in stacked for p in params]
         grads = [
             stacked[p].to(_state_dtype(p))
-            if p in stacked
+            if hit
             else torch.zeros((num, *p.shape), dtype=_state_dtype(p), device=p.device)
-            for p in params
+            for p, hit in zip(params, reached, strict=True)
         ]
         if loss_vec is None:
-            loss_vec = torch.zeros(num, device=params[0].device)
-        *averaged, losses = all_reduce_mean([*grads, loss_vec], group)
-        return dict(zip(params, averaged, strict=True)), losses
+            loss_vec = torch.zeros(num, device=home)
+        flags = torch.tensor(reached, dtype=torch.float32).to(home)
+        *averaged, losses, hits = all_reduce_mean([*grads, loss_vec, flags], group)
+        keep = reached if all(reached) else [h > 0 for h in hits.tolist()]
+        return {p: g for p, g, k in zip(params, averaged, keep, strict=True) if k}, losses
 
     def _layer_index(self, params: list[Tensor], home: torch.device) -> Tensor | None:
         """Layer id of each parameter (cached), or None when each tensor is a layer."""
