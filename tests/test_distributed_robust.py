@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lossbalance._distributed import LAYOUT_SIZE, check_layout, layout_of
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -99,3 +101,52 @@ def test_ranks_that_disagree_raise_the_same_error_on_every_rank(runs, case):
     assert "error" in rank0 and "error" in rank1, (rank0.keys(), rank1.keys())
     assert rank0["error"] == rank1["error"]
     assert re.search(MISMATCH_MESSAGES[case], rank0["error"]), rank0["error"]
+
+
+# --------------------------------------------------------------------------- the check alone
+
+
+def fake_ranks(monkeypatch, rows, backend="gloo"):
+    """Make ``check_layout`` see ``rows`` (one signature per rank) without a process group."""
+    sent = []
+
+    def all_gather(table, mine, group=None):
+        sent.append(mine)
+        for out, row in zip(table, rows, strict=True):
+            out.copy_(torch.tensor(row + [0] * (len(out) - len(row))))
+
+    monkeypatch.setattr(torch.distributed, "all_gather", all_gather)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group: backend)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group: len(rows))
+    return sent
+
+
+ENTRIES = [("has {} loss terms", 2), ("reaches {} leaves", 5, "keep the heads in the graph")]
+
+
+def test_check_layout_passes_equal_layouts_and_sends_a_few_ints_on_the_cpu(monkeypatch):
+    sent = fake_ranks(monkeypatch, [[4, 2, 5]] * 3, backend="cpu:gloo,cuda:nccl")
+    check_layout("x", 4, ENTRIES, object(), "cuda")
+    (mine,) = sent
+    assert mine.device.type == "cpu" and mine.dtype == torch.int64
+    assert mine.tolist() == [4, 2, 5] + [0] * (LAYOUT_SIZE - 3)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([[4, 2, 5], [4, 2, 5], [4, 3, 4]], r"^x under .*: rank 2 has 3 loss terms, rank 0 has 2 "),
+        ([[4, 2, 5], [4, 2, 4]], r"rank 1 reaches 4 leaves, rank 0 reaches 5 .*; keep the heads"),
+        ([[4, 2, 5], [3, 2, 5]], r"rank 1 takes the feature-mode path, rank 0 the deferred"),
+    ],
+)
+def test_check_layout_names_the_first_difference(monkeypatch, rows, message):
+    fake_ranks(monkeypatch, rows)
+    with pytest.raises(RuntimeError, match=message):
+        check_layout("x", 4, ENTRIES, object(), "cpu")
+
+
+def test_layout_of_sees_sizes_in_another_order():
+    a, b = torch.zeros(2), torch.zeros(3, 1)
+    assert layout_of([a, b])[:2] == layout_of([b, a])[:2] == (2, 5)
+    assert layout_of([a, b])[2] != layout_of([b, a])[2]

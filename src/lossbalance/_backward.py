@@ -205,10 +205,23 @@ def backward(
           ``combined`` depend on them), then the gradients of one weighted backward.
 
         The model may be wrapped in ``DistributedDataParallel`` or not (its hooks do not
-        fire either way). Every rank must reach the same leaves (as DDP without
-        ``find_unused_parameters``); shared parameters unused on some ranks are fine.
-        Random balancers (PCGrad) must be seeded alike on every rank (``seed=`` or the
-        same ``torch.manual_seed`` before building them).
+        fire either way). Random balancers (PCGrad) must be seeded alike on every rank
+        (``seed=`` or the same ``torch.manual_seed`` before building them).
+
+        Every rank must pass K terms and reach the same leaves: a rank can only write the
+        leaves its losses reach. Shared parameters unused on some ranks are fine (they
+        travel as zeros with a flag; one that no rank reached gets no ``.grad``). A head
+        whose task has no samples in a rank's shard must stay in that rank's graph: run it
+        on the empty selection (``head(z[mask])``, with the loss summed over the samples
+        and divided by the shard size; a mean over no samples is NaN and skips the step
+        on every rank). It then gets zero gradients there, and the average over ranks is
+        one process on the concatenated batch. Before its first collective, every call
+        compares the ranks' layouts (K, the number and sizes of the shared parameters and
+        of the other leaves, the path taken) in one all-gather of 8 integers (on the CPU
+        for gloo; on an NCCL-only group it synchronises with the device): ranks that
+        differ raise the same ``RuntimeError`` on every rank, naming what differs,
+        instead of aborting in gloo or hanging. Counts and sizes are compared, not
+        identities: ranks reaching different leaves of identical sizes are not detected.
 
     Mixed precision:
         Under ``torch.autocast`` the per-term gradients come out of low-precision

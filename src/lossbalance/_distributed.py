@@ -83,7 +83,8 @@ def all_reduce_mean(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     ``AVG``) and divided by the world size. A NaN or Inf on any rank reaches every rank,
     so decisions taken on the results (skip a non-finite step) agree everywhere.
 
-    Every rank must pass tensors of the same shapes in the same order.
+    Every rank must pass tensors of the same shapes in the same order: where that depends
+    on the rank's data, call :func:`check_layout` first.
 
     Args:
         tensors: floating-point tensors (any shapes).
