@@ -187,3 +187,172 @@ def test_mgda_feature_mode_matches_the_min_norm_point_on_a_ten_term_model() -> N
     alpha = lossbalance.backward(losses, MGDA(k), shared=trunk, features=z).numpy()
     distance = np.linalg.norm(alpha @ jacobian - reference) / np.linalg.norm(reference)
     assert distance <= 1e-6, distance
+
+
+# ----------------------------------------------------------------------------------------
+# Loss normalisations on negative losses; warnings per balancer instance
+# ----------------------------------------------------------------------------------------
+
+
+def test_initial_loss_normalization_divides_by_the_magnitude_of_a_negative_prior() -> None:
+    balancer = lossbalance.InitialLossNormalization(2)
+    losses = torch.tensor([-2.0, 4.0], dtype=F64, requires_grad=True)
+    with pytest.warns(LossBalanceWarning, match="negative divisor for term\\(s\\) \\[0\\]"):
+        combined = balancer(losses)
+    (grad,) = torch.autograd.grad(combined, losses)
+    # the old clamp at the floor gave the negative term a weight of about 1e154
+    torch.testing.assert_close(grad, torch.tensor([0.5, 0.25], dtype=F64))
+    torch.testing.assert_close(balancer.last_weights, grad)
+    torch.testing.assert_close(combined, torch.tensor(0.0, dtype=F64))
+    # later steps keep the prior's magnitude: the negative term is still minimised
+    later = torch.tensor([-3.0, 2.0], dtype=F64, requires_grad=True)
+    (grad,) = torch.autograd.grad(balancer(later), later)
+    torch.testing.assert_close(grad, torch.tensor([0.5, 0.25], dtype=F64))
+
+
+def test_dynamic_normalization_divides_by_the_magnitude_of_a_negative_loss() -> None:
+    balancer = lossbalance.DynamicNormalization(3)
+    losses = torch.tensor([-0.5, 4.0, 2.0], dtype=F64, requires_grad=True)
+    with pytest.warns(LossBalanceWarning, match="absolute value"):
+        combined = balancer(losses)
+    (grad,) = torch.autograd.grad(combined, losses)
+    torch.testing.assert_close(grad, torch.tensor([2.0, 0.25, 0.5], dtype=F64))
+    torch.testing.assert_close(combined, torch.tensor(1.0, dtype=F64))  # -1 + 1 + 1
+
+
+def test_a_model_survives_a_negative_loss_under_dynamic_normalization() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2, dtype=F64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    balancer = lossbalance.DynamicNormalization(2)
+    x = torch.randn(8, 3, dtype=F64)
+    out = model(x)
+    # a negative log-likelihood-like term and a positive one
+    losses = [out[:, 0].mean() - 10.0, out[:, 1].pow(2).mean()]
+    with pytest.warns(LossBalanceWarning, match="negative"):
+        lossbalance.backward(losses, balancer)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    step = max(
+        float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before, strict=True)
+    )
+    assert step < 1.0  # the old weight ~1e154 moved the parameters by ~1e153
+
+
+def _negative_history_dwa() -> lossbalance.DWA:
+    balancer = lossbalance.DWA(2, period=1)
+    for losses in ([-1.0, 1.0], [1.0, 1.0]):
+        balancer(torch.tensor(losses, dtype=F64, requires_grad=True))
+    return balancer
+
+
+PER_INSTANCE = {
+    "initial-loss": (
+        lambda: lossbalance.InitialLossNormalization(2),
+        [-1.0, 2.0],
+        "negative divisor",
+    ),
+    "dynamic-negative": (lambda: lossbalance.DynamicNormalization(2), [-1.0, 2.0], "negative"),
+    "dynamic-zero": (lambda: lossbalance.DynamicNormalization(2), [0.0, 2.0], "clamped"),
+    "gls": (lambda: lossbalance.GLS(2), [-1.0, 2.0], "GLS got a loss"),
+    "dwa": (_negative_history_dwa, [1.0, 1.0], "DWA got a mean loss"),
+    "uncertainty": (lambda: lossbalance.UncertaintyWeighting(2), [-1.0, 2.0], "loss <= 0"),
+    "imtl-l": (lambda: lossbalance.IMTLL(2), [-1.0, 2.0], "loss is <= 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(PER_INSTANCE))
+def test_loss_conditions_warn_once_per_balancer_instance(name: str) -> None:
+    build, values, match = PER_INSTANCE[name]
+    first, second = build(), build()
+    for balancer in (first, second):
+        with pytest.warns(LossBalanceWarning, match=match):
+            balancer(torch.tensor(values, dtype=F64, requires_grad=True))
+    # and once per instance only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossBalanceWarning)
+        first(torch.tensor(values, dtype=F64, requires_grad=True))
+
+
+def test_hybrid_imtl_nonpositive_loss_warns_per_instance() -> None:
+    for balancer in (lossbalance.IMTL(2), lossbalance.IMTL(2)):
+        with pytest.warns(LossBalanceWarning, match="loss is <= 0"):
+            balancer.transform(torch.tensor([-1.0, 2.0], dtype=F64))
+
+
+# ----------------------------------------------------------------------------------------
+# IMTL-G on linearly dependent gradients
+# ----------------------------------------------------------------------------------------
+
+
+def _dependent_gradients() -> torch.Tensor:
+    rng = np.random.default_rng(3)
+    g = torch.from_numpy(rng.standard_normal((2, 6)))
+    g = g * torch.tensor([[0.5], [3.0]], dtype=F64)
+    return torch.stack([g[0], g[1], g[0] + g[1]])
+
+
+def test_imtl_g_dependent_gradients_warn_that_the_update_is_zero() -> None:
+    g = _dependent_gradients()
+    with pytest.warns(LossBalanceWarning, match="shared update is zero"):
+        alpha = lossbalance.functional.imtl_g_weights(g)
+    torch.testing.assert_close(alpha.sum(), torch.tensor(1.0, dtype=F64))
+    assert float((alpha @ g).norm()) <= 1e-12 * float(g.norm())  # the paper's answer
+
+
+def test_imtl_g_least_squares_fallback() -> None:
+    g = _dependent_gradients()
+    with pytest.warns(LossBalanceWarning, match="least-squares direction"):
+        alpha = lossbalance.functional.imtl_g_weights(g, fallback="least-squares")
+    torch.testing.assert_close(alpha.sum(), torch.tensor(1.0, dtype=F64))
+    # beta = C^+ 1 in the unit gradients, alpha_i = beta_i / ||g_i|| normalised to sum 1
+    norms = g.norm(dim=1)
+    cos = (g @ g.T) / torch.outer(norms, norms)
+    beta = torch.linalg.pinv(cos) @ torch.ones(3, dtype=F64)
+    expected = (beta / norms) / (beta / norms).sum()
+    torch.testing.assert_close(alpha, expected)
+    assert float((alpha @ g).norm()) > 0.1 * float(norms.min())
+
+
+def test_imtl_g_min_norm_fallback_descends_every_term() -> None:
+    g = _dependent_gradients()
+    with pytest.warns(LossBalanceWarning, match="min-norm direction"):
+        alpha = lossbalance.functional.imtl_g_weights(g, fallback="min-norm")
+    torch.testing.assert_close(alpha.sum(), torch.tensor(1.0, dtype=F64))
+    unit = g / g.norm(dim=1, keepdim=True)
+    direction = mgda_weights(unit) @ unit
+    combined = alpha @ g
+    # the same direction as the min-norm point of the unit gradients
+    cosine = combined @ direction / (combined.norm() * direction.norm())
+    torch.testing.assert_close(cosine, torch.tensor(1.0, dtype=F64))
+    assert (unit @ combined > 0).all()
+
+
+@pytest.mark.parametrize("fallback", ["least-squares", "min-norm"])
+def test_imtl_g_fallback_leaves_regular_gradients_alone(fallback: str) -> None:
+    rng = np.random.default_rng(4)
+    g = torch.from_numpy(rng.standard_normal((3, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossBalanceWarning)
+        torch.testing.assert_close(
+            lossbalance.functional.imtl_g_weights(g, fallback=fallback),
+            lossbalance.functional.imtl_g_weights(g),
+        )
+
+
+@pytest.mark.parametrize("cls", [lossbalance.IMTLG, lossbalance.IMTL])
+def test_imtl_fallback_option_is_validated_and_shown(cls: type) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid fallback: 'zero' \(expected one of 'none', 'least-squares', 'min-norm'\)",
+    ):
+        cls(3, fallback="zero")
+    balancer = cls(3, fallback="min-norm")
+    assert "fallback='min-norm'" in repr(balancer)
+    assert "fallback='none'" in repr(cls(3))
+    g = _dependent_gradients()
+    with pytest.warns(LossBalanceWarning, match="min-norm direction"):
+        alpha = balancer.weights(g @ g.T, torch.ones(3, dtype=F64))
+    assert float((alpha @ g).norm()) > 0.1 * float(g.norm(dim=1).min())
+    with pytest.raises(ValueError, match="Invalid fallback"):
+        lossbalance.functional.imtl_g_weights_from_gramian(g @ g.T, fallback="bogus")

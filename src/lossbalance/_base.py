@@ -8,10 +8,14 @@ pure functions (``lossbalance.functional``); these classes hold hyperparameters 
 
 from __future__ import annotations
 
+import itertools
 from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+
+# Distinguishes balancer instances in once-only warning keys (``id()`` is reused).
+_instances = itertools.count()
 
 
 class Balancer(nn.Module):
@@ -34,6 +38,15 @@ class Balancer(nn.Module):
             raise ValueError(f"Invalid num_terms: {num_terms!r} (expected an integer >= 1)")
         self.num_terms = num_terms
         self.last_weights = None
+        self._instance = next(_instances)
+
+    def _warning_key(self, what: str) -> str:
+        """The key of a once-only warning about this balancer's own inputs or state.
+
+        A condition such as a negative loss belongs to one balancer: a second balancer in
+        the same process that meets it warns again (``warn_once`` keys are process-wide).
+        """
+        return f"{what}#{type(self).__name__}{self._instance}"
 
     def _check_terms(self, losses: Tensor) -> None:
         if losses.dim() != 1 or losses.shape[0] != self.num_terms:

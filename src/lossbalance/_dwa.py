@@ -13,13 +13,17 @@ from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import check_positive, warn_once
 
 
-def dwa_weights(last: Tensor, before_last: Tensor, temperature: float = 2.0) -> Tensor:
+def dwa_weights(
+    last: Tensor, before_last: Tensor, temperature: float = 2.0, *, warn_key: str = "dwa"
+) -> Tensor:
     """``K softmax(r / T)`` with descent rates ``r = last / before_last``.
 
     Args:
         last: the K mean losses of the last period, Lbar(t-1).
         before_last: the K mean losses of the period before, Lbar(t-2).
         temperature: T > 0; larger is closer to uniform.
+        warn_key: the prefix of the once-only warning keys (a balancer passes its own, so
+            that each instance warns for itself).
 
     Returns:
         K weights, positive and summing to K. A mean loss at or below
@@ -30,14 +34,14 @@ def dwa_weights(last: Tensor, before_last: Tensor, temperature: float = 2.0) -> 
     floor = positive_floor(before_last.dtype)
     if bool((before_last < floor).any()):
         warn_once(
-            "dwa-nonpositive",
+            f"{warn_key}:nonpositive",
             f"DWA got a mean loss <= {floor:.3g} (zero or negative); it is clamped there as "
             "the divisor of the descent rate",
         )
     rates = last / before_last.clamp_min(floor)
     if not bool(torch.isfinite(rates).all()):
         warn_once(
-            "dwa-nonfinite",
+            f"{warn_key}:nonfinite",
             "DWA got non-finite mean losses; the weights of this step fall back to 1",
         )
         return torch.ones_like(rates)
@@ -112,7 +116,12 @@ class DWA(LossBalancer):
     def forward(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
         if int(self.num_periods) >= 2:
-            weights = dwa_weights(self.history[0], self.history[1], self.temperature)
+            weights = dwa_weights(
+                self.history[0],
+                self.history[1],
+                self.temperature,
+                warn_key=self._warning_key("dwa"),
+            )
             weights = weights.to(losses)
         else:
             weights = torch.ones_like(losses).detach()

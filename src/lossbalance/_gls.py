@@ -13,7 +13,9 @@ from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import check_positive, warn_once
 
 
-def gls_loss(losses: Tensor, gamma: float | None = None) -> tuple[Tensor, Tensor]:
+def gls_loss(
+    losses: Tensor, gamma: float | None = None, *, warn_key: str = "gls"
+) -> tuple[Tensor, Tensor]:
     """``(prod_i L_i)^(1/gamma)``, computed in log space, and its gradient.
 
     A loss at or below :func:`~lossbalance._normalization.positive_floor` (zero or
@@ -23,6 +25,8 @@ def gls_loss(losses: Tensor, gamma: float | None = None) -> tuple[Tensor, Tensor
     Args:
         losses: 1-D tensor of the K losses.
         gamma: the root, > 0; ``None`` (default) means K, the plain geometric mean.
+        warn_key: the prefix of the once-only warning key (a balancer passes its own, so
+            that each instance warns for itself).
 
     Returns:
         ``(combined, weights)`` with ``weights_i`` = d combined / d L_i
@@ -34,7 +38,7 @@ def gls_loss(losses: Tensor, gamma: float | None = None) -> tuple[Tensor, Tensor
     above = detached >= floor
     if not bool(above.all()):
         warn_once(
-            "gls-nonpositive",
+            f"{warn_key}:nonpositive",
             f"GLS got a loss <= {floor:.3g} (zero or negative); it is clamped there, "
             "so that term gets no gradient and the product is tiny",
         )
@@ -102,7 +106,7 @@ class GLS(LossBalancer):
 
     def forward(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
-        combined, weights = gls_loss(losses, self.gamma)
+        combined, weights = gls_loss(losses, self.gamma, warn_key=self._warning_key("gls"))
         self._record(weights)
         return combined
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from lossbalance._base import GradientBalancer, LossBalancer, gramian
 from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
+    _wolfe,
     affine_direction,
     check_gramian,
     check_matrix,
@@ -17,7 +19,7 @@ from lossbalance._mgda import (
     warn_degenerate,
 )
 from lossbalance._registry import MethodInfo, register
-from lossbalance._validation import warn_once
+from lossbalance._validation import check_choice, warn_once
 
 __all__ = [
     "IMTL",
@@ -30,9 +32,31 @@ __all__ = [
 
 _PAPER = "Liu et al., ICLR 2021"
 
+FALLBACKS = ("none", "least-squares", "min-norm")
+# The equal-projection direction sum_i beta_i u_i counts as zero when its norm is below
+# this fraction of sum_i |beta_i| (the norm it would have without cancellation).
+_ZERO_DIRECTION = 1e-6
+
+
+def _direction_size(cosines: NDArray[np.float64], beta: NDArray[np.float64]) -> float:
+    """``||sum_i beta_i u_i|| / sum_i |beta_i|``: 0 when the terms cancel exactly."""
+    total = float(np.abs(beta).sum())
+    if total == 0.0:
+        return 0.0
+    return float(np.sqrt(max(float(beta @ cosines @ beta), 0.0))) / total
+
+
+def _fallback_direction(cosines: NDArray[np.float64], fallback: str) -> NDArray[np.float64]:
+    if fallback == "least-squares":
+        # C^+ 1: the projections C beta closest to a common value (1) in least squares
+        solution = np.linalg.lstsq(cosines, np.ones(cosines.shape[0]), rcond=None)[0]
+        return np.asarray(solution, dtype=np.float64)
+    # the min-norm point of the hull of the unit gradients (MGDA on them, exact solver)
+    return _wolfe(cosines, 0.0, 10_000)[0]
+
 
 @single_blas_thread
-def _imtl_g(gram: Tensor, method: str) -> tuple[Tensor, bool]:
+def _imtl_g(gram: Tensor, method: str, fallback: str = "none") -> tuple[Tensor, bool]:
     """IMTL-G weights and whether their common projection is negative (sum(alpha) = 1
     with ``sum_j beta_j / ||g_j|| < 0``)."""
     m = gramian_to_numpy(gram)
@@ -48,11 +72,41 @@ def _imtl_g(gram: Tensor, method: str) -> tuple[Tensor, bool]:
     cosines = m[np.ix_(live, live)] / np.outer(norms, norms)
     # g = sum_i beta_i u_i has equal projections onto every u_j iff C beta is constant.
     beta, singular = affine_direction(cosines)
-    if singular:
+    size = _direction_size(cosines, beta)
+    if size <= _ZERO_DIRECTION and fallback != "none":
+        beta = _fallback_direction(cosines, fallback)
+        warn_once(
+            f"{method}:fallback-{fallback}",
+            f"{method}: the unit gradients are linearly dependent and the only direction "
+            "with equal projections on all of them is zero (e.g. [g1, g2, g1 + g2]); "
+            f"using the {fallback} direction instead (fallback={fallback!r})",
+            stacklevel=4,
+        )
+        size = _direction_size(cosines, beta)
+        if size <= _ZERO_DIRECTION:
+            warn_once(
+                f"{method}:zero-update",
+                f"{method}: the {fallback} fallback direction is zero too (the unit "
+                "gradients' hull contains the origin): the shared parameters get no update "
+                "from this step",
+                stacklevel=4,
+            )
+    elif size <= _ZERO_DIRECTION:
+        warn_once(
+            f"{method}:zero-update",
+            f"{method}: the unit gradients are linearly dependent (e.g. [g1, g2, g1 + g2]) "
+            "and the only direction with equal projections on all of them is zero: the "
+            f"shared update is zero to rounding (its norm is {size:.1e} of the sum of its "
+            "terms' norms), as the paper's equations give; fallback='least-squares' or "
+            "'min-norm' gives a nonzero direction",
+            stacklevel=4,
+        )
+    elif singular:
         warn_once(
             f"{method}:singular",
             f"{method}: the unit gradients are linearly dependent (duplicate or parallel "
-            "gradients, or more terms than dimensions); using the least-norm solution",
+            "gradients, or more terms than dimensions); using the least-norm solution, "
+            "which shares the weight of duplicates equally",
             stacklevel=4,
         )
     raw = beta / norms
@@ -78,13 +132,14 @@ def _imtl_g(gram: Tensor, method: str) -> tuple[Tensor, bool]:
     return to_weights(alpha, gram), negative
 
 
-def imtl_g_weights_from_gramian(gram: Tensor) -> Tensor:
+def imtl_g_weights_from_gramian(gram: Tensor, *, fallback: str = "none") -> Tensor:
     """IMTL-G weights from the K x K Gramian ``G G^T``; see :func:`imtl_g_weights`."""
     check_gramian(gram)
-    return _imtl_g(gram, "imtl-g")[0]
+    check_choice("fallback", fallback, FALLBACKS)
+    return _imtl_g(gram, "imtl-g", fallback)[0]
 
 
-def imtl_g_weights(matrix: Tensor) -> Tensor:
+def imtl_g_weights(matrix: Tensor, *, fallback: str = "none") -> Tensor:
     r"""IMTL-G weights: the combined gradient has equal projections on every unit gradient.
 
     Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021, Sec. 3.1 (gradient
@@ -110,8 +165,29 @@ def imtl_g_weights(matrix: Tensor) -> Tensor:
     makes the common projection negative, so a step along -g increases every term; we
     keep the paper's alpha and warn once.
 
+    The paper's degenerate case: when the unit gradients are linearly dependent and their
+    affine hull contains the origin (more terms than the dimension they span, e.g.
+    ``[g1, g2, g1 + g2]``: ``D U^T`` is singular), the only g with equal projections is
+    g = 0 (every projection is 0), and the least-norm solution gives weights whose
+    combined gradient is zero to rounding (such as [1, 1, -1]): the shared parameters get
+    no update. That stays the default (the paper's equations) and warns once saying so;
+    ``fallback`` chooses a nonzero direction instead, only in that case (when
+    ``||sum_i beta_i u_i||`` is below 1e-6 of ``sum_i |beta_i|``):
+
+    - ``"least-squares"``: ``beta = C^+ 1``, the combination whose projections
+      ``C beta`` are closest to a common value in least squares (no longer equal; this is
+      the paper's solution whenever an exact one exists, so only the degenerate case
+      changes);
+    - ``"min-norm"``: beta = the min-norm point of the convex hull of the unit gradients
+      (MGDA with ``normalization="l2"``, exact solver), whose projection on every u_i is
+      at least ``||g||^2 > 0`` unless the origin lies in that hull.
+
+    Either way alpha is then normalised to sum 1 as above, and the choice warns once.
+
     Args:
         matrix: K x P per-term gradients, rows are terms.
+        fallback: ``"none"`` (default, the paper), ``"least-squares"`` or ``"min-norm"``:
+            the direction used when the equal-projection direction is zero (see above).
 
     Returns:
         alpha, shape ``(K,)``, float64, summing to 1.
@@ -127,7 +203,7 @@ def imtl_g_weights(matrix: Tensor) -> Tensor:
         tensor([0.8000, 0.8000])
     """
     check_matrix(matrix)
-    return imtl_g_weights_from_gramian(gramian(matrix))
+    return imtl_g_weights_from_gramian(gramian(matrix), fallback=fallback)
 
 
 def imtl_l_loss(losses: Tensor, s: Tensor) -> Tensor:
@@ -163,10 +239,10 @@ def _scaled_losses(losses: Tensor, s: Tensor) -> Tensor:
     return torch.exp(s) * losses - s
 
 
-def _warn_nonpositive(losses: Tensor, method: str) -> None:
+def _warn_nonpositive(losses: Tensor, method: str, key: str) -> None:
     if bool((losses.detach() <= 0).any()):
         warn_once(
-            f"{method}:nonpositive-loss",
+            key,
             f"{method}: a loss is <= 0, where e^s L - s has no minimum in s "
             "(the scale grows without bound); IMTL-L needs positive losses",
             stacklevel=4,
@@ -181,6 +257,9 @@ class IMTLG(GradientBalancer):
 
     Args:
         num_terms: K >= 1.
+        fallback: ``"none"`` (default, the paper: a zero shared update when the unit
+            gradients are dependent with the origin in their affine hull, warned once),
+            ``"least-squares"`` or ``"min-norm"``; see :func:`imtl_g_weights`.
 
     Example:
         >>> import torch
@@ -191,7 +270,8 @@ class IMTLG(GradientBalancer):
 
     Differences from the paper: the paper differentiates with respect to the shared
     features z rather than the shared parameters to save time; that is the engine's
-    feature mode (the Gramian of the feature gradients).
+    feature mode (the Gramian of the feature gradients). ``fallback`` is ours: the paper
+    does not treat linearly dependent gradients, where its equations give a zero update.
 
     Attributes:
         negative_projection_steps: how many calls of :meth:`weights` since construction
@@ -201,16 +281,21 @@ class IMTLG(GradientBalancer):
             ``state_dict`` and only the first occurrence in a process warns.
     """
 
-    def __init__(self, num_terms: int) -> None:
+    def __init__(self, num_terms: int, fallback: str = "none") -> None:
         super().__init__(num_terms)
+        check_choice("fallback", fallback, FALLBACKS)
+        self.fallback = fallback
         self.negative_projection_steps = 0
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         check_gramian(gramian, self.num_terms, type(self).__name__)
         self._check_terms(losses)
-        alpha, negative = _imtl_g(gramian, "imtl-g")
+        alpha, negative = _imtl_g(gramian, "imtl-g", self.fallback)
         self.negative_projection_steps += int(negative)
         return self._record(alpha)
+
+    def extra_repr(self) -> str:
+        return f"num_terms={self.num_terms}, fallback={self.fallback!r}"
 
 
 class IMTLL(LossBalancer):
@@ -247,7 +332,7 @@ class IMTLL(LossBalancer):
 
     def forward(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
-        _warn_nonpositive(losses, "imtl-l")
+        _warn_nonpositive(losses, "imtl-l", self._warning_key("imtl-l:nonpositive-loss"))
         s = self.log_scales
         self._record(torch.exp(s.detach()))
         return _scaled_losses(losses, s.to(losses.dtype)).sum()
@@ -265,6 +350,7 @@ class IMTL(GradientBalancer):
 
     Args:
         num_terms: K >= 1.
+        fallback: as for :class:`IMTLG` (default ``"none"``, the paper).
 
     Example:
         >>> import torch
@@ -284,22 +370,27 @@ class IMTL(GradientBalancer):
             ``state_dict``, which holds ``log_scales``).
     """
 
-    def __init__(self, num_terms: int) -> None:
+    def __init__(self, num_terms: int, fallback: str = "none") -> None:
         super().__init__(num_terms)
+        check_choice("fallback", fallback, FALLBACKS)
+        self.fallback = fallback
         self.log_scales = nn.Parameter(torch.zeros(num_terms))
         self.negative_projection_steps = 0
 
     def transform(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
-        _warn_nonpositive(losses, "imtl")
+        _warn_nonpositive(losses, "imtl", self._warning_key("imtl:nonpositive-loss"))
         return _scaled_losses(losses, self.log_scales.to(losses.dtype))
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         check_gramian(gramian, self.num_terms, type(self).__name__)
         self._check_terms(losses)
-        alpha, negative = _imtl_g(gramian, "imtl")
+        alpha, negative = _imtl_g(gramian, "imtl", self.fallback)
         self.negative_projection_steps += int(negative)
         return self._record(alpha)
+
+    def extra_repr(self) -> str:
+        return f"num_terms={self.num_terms}, fallback={self.fallback!r}"
 
 
 register(

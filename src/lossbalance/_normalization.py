@@ -20,38 +20,60 @@ def positive_floor(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).tiny) ** 0.5
 
 
-def normalized_loss(losses: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """``sum_i L_i / c_i`` for constant positive scales ``c`` (not differentiated).
+def normalized_loss(
+    losses: Tensor, scales: Tensor, *, warn_key: str = "normalization"
+) -> tuple[Tensor, Tensor]:
+    """``sum_i L_i / |c_i|`` for constant scales ``c`` (not differentiated).
 
-    A scale at or below :func:`positive_floor` (a zero or negative loss) is raised to it,
-    with a one-time :class:`~lossbalance.LossBalanceWarning`, so the result stays finite.
+    The divisor is the magnitude of the scale: a negative scale (a negative loss) keeps a
+    positive weight, so that term is still minimised; it warns once. The papers divide by
+    a positive loss, and dividing by the signed value would make gradient descent
+    maximise that term. A magnitude at or below :func:`positive_floor` (a zero loss) is
+    raised to it, with a one-time warning, so the result stays finite.
 
     Args:
         losses: 1-D tensor of the K losses.
         scales: 1-D tensor of K divisors; cast to the dtype and device of ``losses``.
+        warn_key: the prefix of the once-only warning keys (balancers pass their own, so
+            that each balancer instance warns for itself).
 
     Returns:
-        ``(combined, weights)`` with ``weights = 1 / c`` = d combined / d L_i.
+        ``(combined, weights)`` with ``weights = 1 / |c|`` = d combined / d L_i.
     """
     floor = positive_floor(losses.dtype)
     c = scales.detach().to(losses)
+    negative = c < 0
+    if bool(negative.any()):
+        warn_once(
+            f"{warn_key}:negative",
+            f"loss normalisation got a negative divisor for term(s) "
+            f"{torch.nonzero(negative).flatten().tolist()} (a negative loss); dividing by "
+            "its absolute value, so that the term keeps a positive weight and is still "
+            "minimised (the method assumes positive losses)",
+        )
+        c = c.abs()
     if bool((c < floor).any()):
         warn_once(
-            "normalization-nonpositive",
-            f"loss normalisation got a divisor <= {floor:.3g} (a zero or negative loss); "
+            f"{warn_key}:zero",
+            f"loss normalisation got a divisor of magnitude <= {floor:.3g} (a zero loss); "
             "it is clamped there, so that term's weight is very large",
         )
         c = c.clamp_min(floor)
     return (losses / c).sum(), torch.reciprocal(c)
 
 
-def dynamic_normalization(losses: Tensor) -> tuple[Tensor, Tensor]:
-    """``sum_i L_i / stopgrad(L_i)``: value K, gradient that of ``sum_i log L_i``.
+def dynamic_normalization(
+    losses: Tensor, *, warn_key: str = "normalization"
+) -> tuple[Tensor, Tensor]:
+    """``sum_i L_i / stopgrad(|L_i|)``: value K, gradient that of ``sum_i log L_i``.
+
+    For positive losses; a negative loss is divided by its magnitude (see
+    :func:`normalized_loss`), so its weight stays positive.
 
     Returns:
-        ``(combined, weights)`` with ``weights = 1 / L`` = d combined / d L_i.
+        ``(combined, weights)`` with ``weights = 1 / |L|`` = d combined / d L_i.
     """
-    return normalized_loss(losses, losses.detach())
+    return normalized_loss(losses, losses.detach(), warn_key=warn_key)
 
 
 class InitialLossNormalization(LossBalancer):
@@ -73,8 +95,10 @@ class InitialLossNormalization(LossBalancer):
         warmup_steps: N >= 1 (default 1): the number of first calls whose losses are
             averaged into the prior. With N = 1 the prior is the first loss.
 
-    A prior at or below about 1e-19 (float32; 1e-154 in float64), e.g. a loss that is zero
-    at the start, is clamped there with a one-time warning.
+    A negative prior (a negative loss during the warm-up) divides by its magnitude
+    ``|P_i|`` instead, so the term keeps a positive weight, with a one-time warning per
+    balancer. A prior of magnitude at or below about 1e-19 (float32; 1e-154 in float64),
+    e.g. a loss that is zero at the start, is clamped there with a one-time warning.
 
     Example:
         >>> import torch
@@ -92,6 +116,9 @@ class InitialLossNormalization(LossBalancer):
     Differences from GradNorm's loss ratio:
         - GradNorm takes L_i(0) from the first step only (``warmup_steps=1``); a longer
           warm-up averages the first N mini-batch losses, which are noisy.
+        - The ratio assumes positive losses. Dividing by a negative prior would flip the
+          sign of that term's gradient (and clamping it at the floor gave a weight of
+          about 1e19 that destroyed the model in one step), so we divide by ``|P_i|``.
     """
 
     prior: Tensor
@@ -112,7 +139,9 @@ class InitialLossNormalization(LossBalancer):
             current = losses.detach().to(self.prior)
             self.prior.add_((current - self.prior) / (n + 1))
             self.num_calls.add_(1)
-        combined, weights = normalized_loss(losses, self.prior)
+        combined, weights = normalized_loss(
+            losses, self.prior, warn_key=self._warning_key("initial-loss")
+        )
         self._record(weights)
         return combined
 
@@ -130,10 +159,12 @@ class DynamicNormalization(LossBalancer):
 
     Update rule (no state)::
 
-        L = sum_i L_i / stopgrad(L_i),      w_i = 1 / L_i
+        L = sum_i L_i / stopgrad(|L_i|),      w_i = 1 / |L_i|
 
-    A loss at or below about 1e-19 (float32; 1e-154 in float64) is clamped there as a
-    divisor, with a one-time warning.
+    For positive losses this is the rule above; a negative loss is divided by its
+    magnitude, so its weight stays positive and the term is still minimised (one warning
+    per balancer). A loss of magnitude at or below about 1e-19 (float32; 1e-154 in
+    float64) is clamped there as a divisor, with a one-time warning.
 
     Args:
         num_terms: K >= 1, the number of loss terms.
@@ -151,7 +182,7 @@ class DynamicNormalization(LossBalancer):
 
     def forward(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
-        combined, weights = dynamic_normalization(losses)
+        combined, weights = dynamic_normalization(losses, warn_key=self._warning_key("dynamic"))
         self._record(weights)
         return combined
 

@@ -16,7 +16,9 @@ TASK_TYPES = ("regression", "classification")
 _FACTORS = {"regression": 0.5, "classification": 1.0}
 
 
-def uncertainty_loss(losses: Tensor, log_vars: Tensor, factors: Tensor) -> tuple[Tensor, Tensor]:
+def uncertainty_loss(
+    losses: Tensor, log_vars: Tensor, factors: Tensor, *, warn_key: str = "uncertainty"
+) -> tuple[Tensor, Tensor]:
     """``sum_i c_i exp(-s_i) L_i + s_i / 2``, differentiable in both ``losses`` and ``s``.
 
     Args:
@@ -24,6 +26,8 @@ def uncertainty_loss(losses: Tensor, log_vars: Tensor, factors: Tensor) -> tuple
         log_vars: the K log-variances ``s_i = log sigma_i^2`` (differentiable).
         factors: the K constants ``c_i``: 1/2 for a regression term, 1 for a
             classification term.
+        warn_key: the prefix of the once-only warning key (a balancer passes its own, so
+            that each instance warns for itself).
 
     Returns:
         ``(combined, weights)`` with ``weights = c exp(-s)`` = d combined / d L_i
@@ -31,7 +35,7 @@ def uncertainty_loss(losses: Tensor, log_vars: Tensor, factors: Tensor) -> tuple
     """
     if bool((losses.detach() <= 0).any()):
         warn_once(
-            "uncertainty-nonpositive",
+            f"{warn_key}:nonpositive",
             "UncertaintyWeighting got a loss <= 0: its objective has no minimum in the "
             "log-variance of that term, which will drift to -inf",
         )
@@ -98,7 +102,9 @@ class UncertaintyWeighting(LossBalancer):
 
     def forward(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
-        combined, weights = uncertainty_loss(losses, self.log_vars, self.factors)
+        combined, weights = uncertainty_loss(
+            losses, self.log_vars, self.factors, warn_key=self._warning_key("uncertainty")
+        )
         self._record(weights)
         return combined
 
