@@ -58,9 +58,9 @@ def main() -> None:
         if rank == 0 and step % 5 == 0:
             print(f"step {step:3d}  losses {[round(float(v), 4) for v in losses]}", flush=True)
 
-    checksum = torch.tensor([sum(float(p.sum()) for p in model.parameters())], device=device)
-    gathered = [torch.zeros_like(checksum) for _ in range(world)]
-    dist.all_gather(gathered, checksum)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
     if rank == 0:
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         print(f"parameters identical on all {world} ranks: {same}", flush=True)
