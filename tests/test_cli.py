@@ -241,8 +241,14 @@ def test_resume_reuses_finished_runs(tmp_path, capsys):
     assert [r["seed"] for r in runs] == [0, 1]
     assert runs[0] == first[0]  # reused as is (same timing), not trained again
 
-    # other settings (here the learning rate) are not mixed in
-    assert main([*base, "--seeds", "2", "--resume", "--lr", "0.01"]) == 0
+    # other settings (here the learning rate) are neither mixed in nor silently dropped:
+    # --resume refuses and names what differs; without --resume the runs are replaced
+    capsys.readouterr()
+    assert main([*base, "--seeds", "2", "--resume", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "results.json (2 run(s)): lr 0.001 -> 0.01" in err and "without --resume" in err
+    assert json.loads((out / "results.json").read_text())["runs"] == runs  # untouched
+    assert main([*base, "--seeds", "1", "--lr", "0.01"]) == 0
     assert "Resuming" not in capsys.readouterr().out
 
 
@@ -289,8 +295,13 @@ def test_report_only_writes_the_recorded_runs_and_trains_nothing(tmp_path, capsy
     assert main([*argv[:2], "adam", "sgd-m", *argv[3:], "--report-only"]) == 1
     assert "no recorded run of 'Unbalanced-SGD-M'" in capsys.readouterr().err
     assert (gpu / "results.json").read_text() == written
-    # so is a folder without runs of these settings
-    assert main([*base, "--lr", "0.5", "--out", str(gpu), "--report-only"]) == 1
+    # a folder whose runs have other settings is refused, naming what differs (the
+    # report would replace their results.json); an empty folder has no runs to report
+    assert main([*base, "--lr", "0.5", "--out", str(gpu), "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "lr 0.001 -> 0.5" in err
+    assert (gpu / "results.json").read_text() == written
+    assert main([*base, "--out", str(tmp_path / "empty"), "--report-only"]) == 1
     assert "no runs with these settings" in capsys.readouterr().err
 
 

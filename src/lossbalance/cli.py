@@ -19,9 +19,11 @@ an error that lists the valid ones.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -39,6 +41,53 @@ def _out(text: str = "") -> None:
 def _err(text: str) -> None:
     sys.stderr.write(f"lossbalance: error: {text}\n")
     sys.stderr.flush()
+
+
+def _warn(text: str) -> None:
+    sys.stderr.write(f"lossbalance: warning: {text}\n")
+    sys.stderr.flush()
+
+
+def _unwritable_dir(path: Path) -> str | None:
+    """Why ``path`` cannot be the folder a command writes into, or ``None`` if it can.
+
+    The folder is created (with its parents) when missing, and a file is created and
+    removed in it, so that a permission, a read-only file system or a file in the way
+    shows up now and not after the first run has trained.
+    """
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lossbalance-check-"):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror or exc})"
+    return None
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _plan_line(
+    config: Any, rows: list[str], groups: list[Any], planned: int, to_train: int, device: Any
+) -> str:
+    shape = f"{len(rows)} rows x {config.seeds} seeds"
+    if len(groups) > 1:
+        shape += f" x {len(groups)} column groups"
+    steps = f"{config.epochs} epoch(s) of batch {config.batch_size} per run"
+    if config.max_batches is not None:
+        steps += f", at most {config.max_batches} steps per epoch"
+    side = f", {config.jobs} at once" if config.jobs > 1 else ""
+    return (
+        f"Plan: {shape} = {planned} runs ({to_train} to train{side}), {steps}, on {device}. "
+        f"Rows: {', '.join(rows)}"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -60,6 +109,17 @@ def _default(config_cls: type, name: str) -> Any:
     raise KeyError(name)
 
 
+def _default_rows(config_cls: type) -> str:
+    """The rows an experiment trains without --methods (and with --ablation), for --help."""
+    module = importlib.import_module(config_cls.__module__)
+    rows = module.method_names(config_cls())
+    text = f". Default: {len(rows)} rows ({', '.join(rows)})"
+    if any(f.name == "ablation" for f in fields(config_cls)):
+        ablation = module.method_names(config_cls(ablation=True))
+        text += f"; with --ablation {len(ablation)} rows ({', '.join(ablation)})"
+    return text
+
+
 def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> None:
     d = lambda name: _default(config_cls, name)  # noqa: E731
     g = p.add_argument_group("common options")
@@ -76,7 +136,7 @@ def _add_common(p: argparse.ArgumentParser, config_cls: type, command: str) -> N
             if command in _GAN_COMMANDS
             else ""
         )
-        + (f" (default: {' '.join(d('methods'))})" if d("methods") else ""),
+        + _default_rows(config_cls),
     )
     g.add_argument("--seeds", type=_positive_int, help=f"seeds per row (default: {d('seeds')})")
     g.add_argument("--first-seed", type=int, help="first seed (default: 0)")
@@ -426,15 +486,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         _list_methods()
         return 0
 
-    from lossbalance.experiments import cyclegan, demo, mnist, multimnist, pix2pix, srgan
-    from lossbalance.experiments.data import ChecksumError, DatasetNotFoundError
+    from lossbalance.experiments import cyclegan, demo, harness, mnist, multimnist, pix2pix, srgan
+    from lossbalance.experiments.data import ChecksumError, DataFileError, DatasetNotFoundError
     from lossbalance.experiments.harness import MissingRunError, RecordedRuns, resolve_device
     from lossbalance.experiments.methods import resolve_methods
     from lossbalance.experiments.parallel import run_parallel
     from lossbalance.experiments.report import (
         CHECKPOINT,
+        RecordedElsewhere,
         append_checkpoint,
         config_fingerprint,
+        fingerprinted_settings,
         load_previous_runs,
         write_report,
     )
@@ -462,10 +524,33 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
     except ValueError as exc:
         _err(str(exc))
         return 2
-    fingerprint = config_fingerprint(config)
     out = Path(args.out)
+    # every path is checked before anything trains: a run is never lost to a bad --out
+    for option, path in (("--out", out), ("--log-dir", getattr(config, "log_dir", None))):
+        problem = None if path is None else _unwritable_dir(Path(path))
+        if problem is not None:
+            _err(f"{option} {path}: {problem}")
+            return 2
+    fingerprint = config_fingerprint(config)
+    settings = fingerprinted_settings(config)
     resume = args.resume or args.report_only
-    previous = load_previous_runs(out, fingerprint) if resume else {}
+    problems: list[RecordedElsewhere] = []
+    previous = (
+        load_previous_runs(out, fingerprint, settings=settings, problems=problems) if resume else {}
+    )
+    for p in problems:
+        if p.malformed:
+            _warn(f"{out / p.where}: skipped, {p.why}")
+    other = [p for p in problems if not p.malformed]
+    if other:
+        flag = "--report-only" if args.report_only else "--resume"
+        listed = "; ".join(f"{p.where} ({p.runs} run(s)): {p.why}" for p in other)
+        _err(
+            f"{flag}: {out} holds runs recorded with other settings, which this command "
+            f"would drop: {listed}. Rerun with those settings, choose another --out, or "
+            "run without --resume to replace them."
+        )
+        return 2
     if not resume:
         (out / CHECKPOINT).unlink(missing_ok=True)
     if args.report_only and not previous:
@@ -475,9 +560,32 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         verb = "Reporting" if args.report_only else "Resuming"
         _out(f"{verb}: {len(previous)} run(s) with the same settings found in {out}")
 
-    def checkpoint(record: dict[str, Any]) -> None:
-        append_checkpoint(out, fingerprint, record)
+    rows = module.method_names(config)
+    groups = getattr(module, "column_groups", lambda cfg: [None])(config)
+    planned = len(rows) * len(groups) * config.seeds
+    recorded = len(previous)
+    to_train = 0 if args.report_only else max(0, planned - recorded)
+    if not args.report_only:
+        _out(_plan_line(config, rows, groups, planned, to_train, resolve_device(config.device)))
+    saved = 0
 
+    def estimate(steps: int, seconds_per_step: float) -> None:
+        per_run = steps * seconds_per_step
+        _out(
+            f"Estimate: {steps} steps per run at {seconds_per_step * 1e3:.3g} ms per step "
+            f"(first {min(steps, harness._ESTIMATE_AFTER)} steps): {_duration(per_run)} per "
+            f"run, about {_duration(per_run * to_train / max(1, config.jobs))} for the "
+            f"{to_train} run(s) to train"
+        )
+
+    def checkpoint(record: dict[str, Any]) -> None:
+        nonlocal saved
+        append_checkpoint(out, fingerprint, record, settings)
+        saved += 1
+        if saved == 1 and config.jobs > 1:  # the workers' first steps are not seen here
+            estimate(int(record["steps"]), record["time_per_iter_s"])
+
+    harness.set_first_steps_hook(estimate if config.jobs == 1 and to_train else None)
     try:
         if args.report_only:
             # nothing trains, so the runs' device is only a recorded setting: the data and
@@ -501,18 +609,28 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
             result = run_parallel(module, config, previous=previous, on_run=checkpoint)
         else:
             result = module.run(config, previous=previous, on_run=checkpoint)
-    except (DatasetNotFoundError, ChecksumError) as exc:
+    except (DatasetNotFoundError, ChecksumError, DataFileError) as exc:
         _err(str(exc))
         return 1
     except MissingRunError as exc:
         _err(f"--report-only: {exc.args[0]} in {out}; run the command with --resume to train")
         return 1
+    except KeyboardInterrupt:
+        done = min(planned, recorded + saved)
+        _err(
+            f"interrupted: {done} of {planned} runs saved in {out / CHECKPOINT}; "
+            "rerun the same command with --resume to train the rest"
+        )
+        return 130
+    finally:
+        harness.set_first_steps_hook(None)
     paths = write_report(
         result,
         out,
         command,
         plots=not args.no_plots,
         fingerprint=fingerprint,
+        settings=settings,
         keep_checkpoint=args.report_only,
     )
     _out((out / "results.md").read_text().rstrip())

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ __all__ = [
     "DATASETS",
     "ChecksumError",
     "ClassificationData",
+    "DataFileError",
     "DatasetNotFoundError",
     "IdxDataset",
     "MultiMnistData",
@@ -55,6 +57,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class ChecksumError(ValueError):
     """A data file's md5 differs from the published one (truncated or wrong file)."""
+
+
+class DataFileError(ValueError):
+    """A data file cannot be read as what it should be (truncated, not gzip, not idx,
+    labels out of range); the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -134,19 +141,25 @@ def read_idx(path: str | Path, md5: str | None = None) -> np.ndarray:
                 "(the file is truncated or not the published one; delete it and fetch it again)"
             )
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataFileError(
+            f"{path} is not a complete gzip file ({type(exc).__name__}: {exc}); "
+            "it is truncated or not what its name says: replace it"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an idx file (magic bytes {raw[:4].hex() or 'missing'})")
+        raise DataFileError(f"{path} is not an idx file (magic bytes {raw[:4].hex() or 'missing'})")
     dtype = _IDX_DTYPES[raw[2]]
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated idx header")
+        raise DataFileError(f"{path}: truncated idx header")
     shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if len(raw) - header != count * dtype.itemsize:
-        raise ValueError(
+        raise DataFileError(
             f"{path}: idx header declares shape {shape} ({count * dtype.itemsize} bytes of "
             f"data) but the file holds {len(raw) - header} bytes"
         )
@@ -211,14 +224,24 @@ def locate_idx_files(
         if path is None:
             missing.append(key)
             continue
-        got = md5sum(path) if verify else md5
-        if got != md5:
+        # even without verification, a file that is another known data set's is a mix-up
+        got = md5sum(path)
+        other = _KNOWN_FILES.get(got)
+        if got != md5 and other is not None:
+            raise ChecksumError(
+                f"{path} is {other[0]}'s {other[1]}, not {info.name}'s: point --data-dir at "
+                f"a folder with the {info.name} files (or its parent, with them in "
+                f"{info.name}/)"
+            )
+        if verify and got != md5:
             raise ChecksumError(
                 f"md5 mismatch for {path}: expected {md5}, got {got} "
                 "(the file is truncated or not the published one; replace it, or pass "
                 "--no-verify for a copy you trust)"
             )
         found[key] = path
+    target_dir = root / info.name
+    created = not target_dir.exists()
     failures = []
     for key in missing:
         fname, md5 = info.files[key]
@@ -233,6 +256,9 @@ def locate_idx_files(
         else:
             failures.append(f"{fname} ({reason})")
     if failures:
+        # a failed download must not leave an empty dataset folder that looks like data
+        if created and target_dir.is_dir() and not any(target_dir.iterdir()):
+            target_dir.rmdir()
         names = ", ".join(info.files[k][0] for k in info.files)
         raise DatasetNotFoundError(
             f"{info.name} data not found in {root / info.name} and could not be downloaded: "
@@ -241,6 +267,12 @@ def locate_idx_files(
             "or pass --data-dir DIR with DIR/" + info.name + " holding them."
         )
     return found
+
+
+# md5 -> (data set, file) of every known file, to name a mix-up of data sets
+_KNOWN_FILES: dict[str, tuple[str, str]] = {
+    md5: (info.name, fname) for info in DATASETS.values() for fname, md5 in info.files.values()
+}
 
 
 @dataclass
@@ -296,9 +328,22 @@ def load_idx_dataset(
     paths = locate_idx_files(dataset, data_dir, download=download, verify=verify)
     arrays = _read_all(tuple(sorted((k, str(p), p.stat().st_mtime_ns) for k, p in paths.items())))
     for split in ("train", "test"):
-        n_img, n_lab = len(arrays[f"{split}-images"]), len(arrays[f"{split}-labels"])
-        if n_img != n_lab:
-            raise ValueError(f"{dataset} {split}: {n_img} images but {n_lab} labels")
+        images, labels = arrays[f"{split}-images"], arrays[f"{split}-labels"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataFileError(
+                f"{paths[f'{split}-images']}, {paths[f'{split}-labels']}: {dataset} {split} "
+                f"needs (N, H, W) images and (N,) labels, got {images.shape} and {labels.shape}"
+            )
+        if len(images) != len(labels):
+            raise DataFileError(
+                f"{paths[f'{split}-labels']}: {dataset} {split} has {len(images)} images "
+                f"but {len(labels)} labels"
+            )
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < 10:
+            raise DataFileError(
+                f"{paths[f'{split}-labels']}: labels must lie in 0..9, found "
+                f"{int(labels.min())}..{int(labels.max())}"
+            )
     mean, std = _NORMALIZE[dataset]
     return ClassificationData(
         torch.from_numpy(arrays["train-images"].copy()),

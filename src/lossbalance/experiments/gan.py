@@ -248,8 +248,8 @@ class GanConfig(ExperimentConfig):
         super().validate()
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"Invalid beta1: {self.beta1} (expected 0 <= beta1 < 1)")
-        if self.d_lr is not None and not self.d_lr > 0:
-            raise ValueError(f"Invalid d_lr: {self.d_lr} (expected d_lr > 0)")
+        if self.d_lr is not None and not 0 < self.d_lr < math.inf:
+            raise ValueError(f"Invalid d_lr: {self.d_lr} (expected a finite d_lr > 0)")
         self.check_counts("classifier_epochs", "samples")
         limit = self.classifier_train_limit
         if limit is not None and (not isinstance(limit, int) or limit < 2):

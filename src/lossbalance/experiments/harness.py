@@ -57,14 +57,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_DEVICES = "auto, cpu, cuda or cuda:N"
+
+
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when available; asking for CUDA without it is an error."""
+    """``"auto"`` picks CUDA when available; a device that cannot train here is an error.
+
+    Accepted: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (N below the number of GPUs)
+    and ``"mps"`` where it is available. Anything else (``"tpu"``, ``"meta"``, a typo)
+    raises ``ValueError`` before any data is read or any run starts.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Invalid device: {device!r} (CUDA is not available on this machine)")
-    return dev
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Invalid device: {device!r} (expected {_DEVICES})") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"Invalid device: {device!r} (CUDA is not available on this machine)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(
+                f"Invalid device: {device!r} (this machine has {count} CUDA device(s))"
+            )
+        return dev
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
+    raise ValueError(f"Invalid device: {device!r} (expected {_DEVICES})")
 
 
 @dataclass
@@ -340,6 +362,20 @@ def train_run(
     )
 
 
+# Called once per process, by the first run that trains, after its first
+# ``_ESTIMATE_AFTER`` steps: ``hook(steps_per_run, seconds_per_step)`` (the command line
+# prints its time estimate from it). ``None``: nobody listens.
+_first_steps_hook: Callable[[int, float], None] | None = None
+_ESTIMATE_AFTER = 20
+
+
+def set_first_steps_hook(hook: Callable[[int, float], None] | None) -> None:
+    """Register what the first training run of this process reports after its first
+    steps (steps per run, seconds per step); ``None`` removes it."""
+    global _first_steps_hook
+    _first_steps_hook = hook
+
+
 def train_loop(
     num_train: int,
     step: Callable[[Tensor], Tensor],
@@ -402,6 +438,11 @@ def train_loop(
             values = step(index.to(device))
             nonfinite += (~torch.isfinite(values).all()).long()
             steps += 1
+            if steps == min(_ESTIMATE_AFTER, total_steps) and _first_steps_hook is not None:
+                hook = _first_steps_hook
+                set_first_steps_hook(None)
+                _sync(device)
+                hook(total_steps, (train_time + time.perf_counter() - start) / steps)
             if negative_at is not None and negative_seen is not None:
                 count = stepper.negative_projection_steps() or 0
                 negative_at += [steps] * (count - negative_seen)
@@ -624,8 +665,10 @@ class ExperimentConfig:
         """Check the values with torch-style messages."""
         self.check_counts("seeds", "epochs", "batch_size", "evals_per_epoch", "jobs")
         self.check_counts("max_batches", "train_limit", "test_limit", "threads", optional=True)
-        if not self.lr > 0:
-            raise ValueError(f"Invalid lr: {self.lr} (expected lr > 0)")
+        if not isinstance(self.first_seed, int) or self.first_seed < 0:
+            raise ValueError(f"Invalid first_seed: {self.first_seed!r} (expected an integer >= 0)")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"Invalid lr: {self.lr} (expected a finite lr > 0)")
 
     def check_counts(self, *names: str, optional: bool = False) -> None:
         """Check that the named settings are integers >= 1 (or ``None`` when ``optional``)."""

@@ -12,6 +12,7 @@ runs, MTAdam included; the time per training iteration is reported as the IMTL p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,8 +73,8 @@ class MultiMnistConfig(ExperimentConfig):
         super().validate()
         if self.scale_task not in TASKS:
             raise ValueError(f"Invalid scale_task: {self.scale_task!r} (expected one of {TASKS})")
-        if not self.scale > 0:
-            raise ValueError(f"Invalid scale: {self.scale} (expected scale > 0)")
+        if not 0 < self.scale < math.inf:
+            raise ValueError(f"Invalid scale: {self.scale} (expected a finite scale > 0)")
         if self.grad_source not in ("params", "features"):
             raise ValueError(
                 f"Invalid grad_source: {self.grad_source!r} (expected 'params' or 'features')"
@@ -100,6 +101,11 @@ def _group_name(cfg: MultiMnistConfig) -> str:
     return f"{cfg.scale_task} x{cfg.scale:g}"
 
 
+def column_groups(cfg: MultiMnistConfig) -> list[str]:
+    """The column groups every row is trained in: the losses as they are, and rescaled."""
+    return ["original", _group_name(cfg)]
+
+
 def method_names(cfg: MultiMnistConfig) -> list[str]:
     """The row names that ``cfg`` asks for (its methods, or the experiment's default rows)."""
     return expand_methods(cfg.methods, default_methods(), weighted=False)
@@ -117,9 +123,9 @@ def run(
     data = build_data(cfg)
     scales = [1.0, 1.0, 1.0]
     scales[TASKS.index(cfg.scale_task)] = cfg.scale
-    scaled_group = _group_name(cfg)
+    original, scaled_group = column_groups(cfg)
     tasks = [
-        ("original", MultiMnistTask(data, (1.0, 1.0, 1.0), feature_dim=cfg.feature_dim)),
+        (original, MultiMnistTask(data, (1.0, 1.0, 1.0), feature_dim=cfg.feature_dim)),
         (scaled_group, MultiMnistTask(data, tuple(scales), feature_dim=cfg.feature_dim)),  # type: ignore[arg-type]
     ]
 

@@ -10,8 +10,10 @@ import base64
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "cost_headers",
     "decode_images",
     "encode_images",
+    "fingerprinted_settings",
     "format_mean_std",
     "library_versions",
     "load_previous_runs",
@@ -41,6 +44,7 @@ __all__ = [
     "to_jsonable",
     "write_json",
     "write_report",
+    "write_text_atomic",
 ]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -154,7 +158,24 @@ def write_json(path: str | Path, obj: Any, *, compact: bool = False) -> Path:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
     else:
         text = json.dumps(data, indent=2, allow_nan=False)
-    path.write_text(text + "\n")
+    return write_text_atomic(path, text + "\n")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
+    a kill or a full disk leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -460,11 +481,30 @@ _NOT_FINGERPRINTED = (
 )
 
 
+def fingerprinted_settings(config: Any) -> dict[str, Any]:
+    """The settings that determine each run's result (JSON values), as fingerprinted."""
+    values = {k: v for k, v in sorted(asdict(config).items()) if k not in _NOT_FINGERPRINTED}
+    return to_jsonable(values)
+
+
 def config_fingerprint(config: Any) -> str:
     """A short hash of the settings that determine each run's result (for ``--resume``)."""
-    values = {k: v for k, v in sorted(asdict(config).items()) if k not in _NOT_FINGERPRINTED}
-    blob = json.dumps(to_jsonable(values), sort_keys=True).encode()
+    blob = json.dumps(fingerprinted_settings(config), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def settings_diff(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str:
+    """What differs between recorded and current settings, e.g. ``"epochs 1 -> 2"``."""
+    if not recorded:
+        return "settings not stored with the record"
+    parts = []
+    for key in sorted(set(recorded) | set(current)):
+        if key in _NOT_FINGERPRINTED:
+            continue
+        old, new = recorded.get(key, "unset"), current.get(key, "unset")
+        if old != new:
+            parts.append(f"{key} {old!r} -> {new!r}")
+    return ", ".join(parts) or "settings differ (same values, other fingerprint)"
 
 
 def _restore_nan(record: dict[str, Any]) -> dict[str, Any]:
@@ -477,38 +517,117 @@ def _restore_nan(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def append_checkpoint(out_dir: str | Path, fingerprint: str, record: dict[str, Any]) -> None:
-    """Append a finished run to ``out_dir/runs.jsonl`` (kept until the report is written)."""
+def append_checkpoint(
+    out_dir: str | Path,
+    fingerprint: str,
+    record: dict[str, Any],
+    settings: Mapping[str, Any] | None = None,
+) -> None:
+    """Append a finished run to ``out_dir/runs.jsonl`` (kept until the report is written).
+
+    Every record starts on a fresh line: a line cut off without its newline (a kill in the
+    middle of a write) is ended first, so the new record is not glued onto it and lost.
+    ``settings`` (:func:`fingerprinted_settings`) are stored with it so that a ``--resume``
+    with other settings can say what changed.
+    """
     path = Path(out_dir) / CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps({"fingerprint": fingerprint, "run": record}) + "\n")
+    item: dict[str, Any] = {"fingerprint": fingerprint, "run": record}
+    if settings is not None:
+        item["settings"] = settings
+    line = json.dumps(to_jsonable(item), allow_nan=False) + "\n"
+    with path.open("ab") as f:
+        if f.tell() > 0:
+            with path.open("rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    f.write(b"\n")
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def load_previous_runs(out_dir: str | Path, fingerprint: str) -> dict[str, dict[str, Any]]:
+_RUN_FIELDS = ("group", "row", "seed", "final", "history")
+
+
+@dataclass
+class RecordedElsewhere:
+    """Records in an output folder that a command cannot use: ``where`` (results.json or
+    runs.jsonl line N) and ``why`` (the settings that differ, or what is malformed)."""
+
+    where: str
+    why: str
+    runs: int = 1
+    malformed: bool = False
+
+
+def load_previous_runs(
+    out_dir: str | Path,
+    fingerprint: str,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    problems: list[RecordedElsewhere] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Runs already in ``out_dir`` (results.json and the checkpoint) with the same settings,
-    keyed by ``group|row|seed``."""
+    keyed by ``group|row|seed``.
+
+    What cannot be used is appended to ``problems`` when given: records with other
+    settings (with :func:`settings_diff` against ``settings``), and checkpoint lines that
+    are not a JSON object of a run (cut off, not UTF-8, a field missing), which are
+    skipped.
+    """
     from lossbalance.experiments.harness import run_key
 
     out = Path(out_dir)
+    found = problems if problems is not None else []
+    current = settings or {}
     records: list[dict[str, Any]] = []
     results = out / "results.json"
     if results.is_file():
-        data = json.loads(results.read_text())
+        try:
+            data = json.loads(results.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            found.append(
+                RecordedElsewhere("results.json", f"not valid JSON ({exc})", malformed=True)
+            )
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
         if data.get("fingerprint") == fingerprint:
             records += data.get("runs", [])
+        elif data.get("runs"):
+            why = settings_diff(data.get("settings"), current)
+            found.append(RecordedElsewhere("results.json", why, runs=len(data["runs"])))
     checkpoint = out / CHECKPOINT
     if checkpoint.is_file():
-        for line in checkpoint.read_text().splitlines():
-            if not line.strip():
+        for number, raw in enumerate(checkpoint.read_bytes().split(b"\n"), start=1):
+            if not raw.strip():
                 continue
+            where = f"{CHECKPOINT} line {number}"
             try:
-                item = json.loads(line)
+                item = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                found.append(RecordedElsewhere(where, "not UTF-8 text", malformed=True))
+                continue
             except json.JSONDecodeError:  # a line cut short when a run was killed
+                found.append(RecordedElsewhere(where, "not valid JSON (cut off?)", malformed=True))
+                continue
+            run = item.get("run") if isinstance(item, dict) else None
+            if not isinstance(run, dict):
+                found.append(RecordedElsewhere(where, "not a JSON object of a run", malformed=True))
+                continue
+            lacking = [f for f in _RUN_FIELDS if f not in run]
+            if lacking:
+                why = f"the run lacks {', '.join(lacking)}"
+                found.append(RecordedElsewhere(where, why, malformed=True))
                 continue
             if item.get("fingerprint") == fingerprint:
-                records.append(item["run"])
+                records.append(run)
+            else:
+                why = settings_diff(item.get("settings"), current)
+                found.append(RecordedElsewhere(where, why))
     return {run_key(r["group"], r["row"], r["seed"]): _restore_nan(r) for r in records}
+
 
 
 def write_report(
@@ -518,6 +637,7 @@ def write_report(
     *,
     plots: bool = True,
     fingerprint: str | None = None,
+    settings: Mapping[str, Any] | None = None,
     keep_checkpoint: bool = False,
 ) -> list[Path]:
     """Write summary.json, results.json, results.md and the plots into ``out_dir``.
@@ -536,6 +656,7 @@ def write_report(
                 "experiment": result.name,
                 "command": command,
                 "fingerprint": fingerprint,
+                "settings": settings,
                 "config": result.config,
                 "seeds": result.seeds,
                 "versions": library_versions(),
@@ -550,9 +671,16 @@ def write_report(
             compact=True,
         )
     )
-    md = out / "results.md"
-    md.write_text(f"# {result.title}\n\nCommand: `{command}`\n\n{result.table.rstrip()}\n")
+    md = write_text_atomic(
+        out / "results.md", f"# {result.title}\n\nCommand: `{command}`\n\n{result.table.rstrip()}\n"
+    )
     written.append(md)
+    plot_names = {
+        "metrics.png",
+        "weights.png",
+        "samples.png",
+        *(n for n, _, _ in result.extra_plots),
+    }
     if plots:
         written.append(plot_metrics(result, out / "metrics.png"))
         traces = plot_traces(result, out / "weights.png")
@@ -563,6 +691,10 @@ def write_report(
         samples = plot_samples(result, out / "samples.png")
         if samples is not None:
             written.append(samples)
+    # a plot left from an earlier command in this folder would sit beside results it
+    # does not show (--no-plots, or fewer plots this time): remove it
+    for name in plot_names - {p.name for p in written}:
+        (out / name).unlink(missing_ok=True)
     if not keep_checkpoint:
         (out / CHECKPOINT).unlink(missing_ok=True)
     return written
