@@ -563,8 +563,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
     rows = module.method_names(config)
     groups = getattr(module, "column_groups", lambda cfg: [None])(config)
     planned = len(rows) * len(groups) * config.seeds
-    recorded = len(previous)
-    to_train = 0 if args.report_only else max(0, planned - recorded)
+    already = len(previous)
+    to_train = 0 if args.report_only else max(0, planned - already)
     if not args.report_only:
         _out(_plan_line(config, rows, groups, planned, to_train, resolve_device(config.device)))
     saved = 0
@@ -616,7 +616,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         _err(f"--report-only: {exc.args[0]} in {out}; run the command with --resume to train")
         return 1
     except KeyboardInterrupt:
-        done = min(planned, recorded + saved)
+        done = min(planned, already + saved)
         _err(
             f"interrupted: {done} of {planned} runs saved in {out / CHECKPOINT}; "
             "rerun the same command with --resume to train the rest"

@@ -629,7 +629,6 @@ def load_previous_runs(
     return {run_key(r["group"], r["row"], r["seed"]): _restore_nan(r) for r in records}
 
 
-
 def write_report(
     result: ExperimentResult,
     out_dir: str | Path,
