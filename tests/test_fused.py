@@ -4,13 +4,16 @@ the compiled function (inductor: C++ on the CPU, Triton on CUDA) against the ref
 
 from __future__ import annotations
 
+import copy
+import inspect
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import lossbalance._mtadam as _mtadam
-from lossbalance import LossBalanceWarning, _fused
+from lossbalance import LossBalanceWarning, MTAdam, _fused
 from lossbalance.functional import mtadam
 
 SHAPES = [(5, 4), (5,), (2, 3, 3), (1,)]
@@ -223,14 +226,14 @@ def test_compiled_update_matches_the_reference(
 def test_a_failed_compilation_falls_back_once_and_writes_nothing(monkeypatch, device):
     calls = []
 
-    def broken():
+    def broken(key):
         def compiled(*args, **kwargs):
             calls.append(1)
             raise torch._dynamo.exc.TorchDynamoException("no C++ compiler found")
 
         return compiled
 
-    monkeypatch.setattr(_fused, "_compiled", broken)
+    monkeypatch.setattr(_fused, "_compiled_for", broken)
     monkeypatch.setattr(_fused, "_failed", set())
     state = _initial(device, torch.float64, torch.float64, "max")
     grads = _grads(0, device, torch.float64, ())
@@ -259,3 +262,56 @@ def test_a_failed_compilation_falls_back_once_and_writes_nothing(monkeypatch, de
 def test_fused_available():
     assert _fused.fused_available(torch.device("cpu")) == torch._dynamo.is_dynamo_supported()
     assert not _fused.fused_available(torch.device("meta"))
+
+
+def _integrated():
+    return "fused" in inspect.signature(MTAdam).parameters
+
+
+needs_integration = pytest.mark.skipif(
+    not _integrated(),
+    reason="MTAdam(fused=...) is not integrated yet (patch in benchmarks/fused_integration.md)",
+)
+
+
+@needs_integration
+def test_mtadam_rejects_a_bad_fused_flag():
+    with pytest.raises(TypeError, match=r"Invalid fused: 'yes' \(expected None, True or False\)"):
+        MTAdam([torch.zeros(2, requires_grad=True)], fused="yes")
+    with pytest.raises(RuntimeError, match=r"fused=True.* cannot compile for meta"):
+        MTAdam([torch.zeros(2, device="meta", requires_grad=True)], fused=True)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@needs_integration
+@pytest.mark.parametrize("sync_free", [True, False], ids=["masked", "host-checked"])
+def test_mtadam_fused_matches_the_multi_tensor_optimizer(device, dtype, sync_free):
+    # the optimizer end to end: per-term gradients, scales, table, then the compiled update
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).to(device, dtype)
+    twin = copy.deepcopy(model)
+    options = dict(lr=1e-2, weight_decay=0.1, sync_free=sync_free)
+    fused = MTAdam(model.parameters(), fused=True, **options)
+    plain = MTAdam(twin.parameters(), fused=False, **options)
+    gen = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LossBalanceWarning)
+        for step in range(5):
+            x = torch.randn(8, 4, generator=gen, dtype=torch.float64).to(device, dtype)
+            for net, opt in ((model, fused), (twin, plain)):
+                out = net(x)
+                losses = [out[:, 0].pow(2).mean(), 100 * out[:, 1].abs().mean(), out.sum() / 100]
+                if step == 2 and sync_free:
+                    losses[1] = losses[1] * float("nan")
+                opt.step(losses)
+    # the compiled update ran: no fallback to the multi-tensor path
+    assert not [w for w in caught if "could not be compiled" in str(w.message)]
+    assert fused.skipped_steps == plain.skipped_steps == (1 if sync_free else 0)
+    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (1e-5, 1e-6)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol)
+        for name in ("exp_avg", "exp_avg_sq", "magnitude", "step"):
+            torch.testing.assert_close(
+                fused.state[p][name], plain.state[q][name], rtol=rtol, atol=atol
+            )

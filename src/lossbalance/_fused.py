@@ -35,8 +35,7 @@ another order); the tests compare both in float32 and float64.
 
 from __future__ import annotations
 
-import functools
-import inspect
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,12 +46,10 @@ from lossbalance._validation import warn_once
 
 __all__ = ["fused_available", "fused_update", "update_reference"]
 
-# Compiled variants kept per code object before dynamo gives up (torch's default is 8): one
-# per (bucket shapes, dtypes, options), and a process may step several models.
-RECOMPILE_LIMIT = 64
-
-# (device type, dtypes, shapes, options) of buckets whose compilation failed: they take the
-# multi-tensor path from then on instead of paying a failing compile at every step.
+# (device, dtypes, shapes, options) of a bucket -> its compiled update
+_compiled: dict[Any, Any] = {}
+# buckets whose compilation failed: they take the multi-tensor path from then on instead of
+# paying a failing compile at every step
 _failed: set[Any] = set()
 
 
@@ -148,15 +145,23 @@ def fused_available(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-@functools.cache
-def _compiled() -> Any:
-    extra: dict[str, Any] = {}
-    # the per-call limit exists from torch 2.13; older versions count against the global one
-    if "recompile_limit" in inspect.signature(torch.compile).parameters:
-        extra["recompile_limit"] = RECOMPILE_LIMIT
-    # static shapes: a model's bucket keeps its shapes from step to step, and dynamic shapes
-    # would trade every kernel's specialisation for recompilations that never come
-    return torch.compile(update_reference, fullgraph=True, dynamic=False, **extra)
+def _compiled_for(key: Any) -> Any:
+    """The compiled update of one bucket signature, compiled at its first call."""
+    fn = _compiled.get(key)
+    if fn is None:
+        # A fresh code object per bucket: dynamo keeps compiled variants per code object
+        # and gives up beyond its recompile limit (8 by default), which a process that steps
+        # several models (a test suite) reaches with one shared function.
+        ref = update_reference
+        copy = types.FunctionType(
+            ref.__code__.replace(), ref.__globals__, ref.__name__, ref.__defaults__
+        )
+        copy.__kwdefaults__ = ref.__kwdefaults__
+        # static shapes: a model's bucket keeps its shapes from step to step, and dynamic
+        # shapes would trade every kernel's specialisation for recompilations that never come
+        fn = torch.compile(copy, fullgraph=True, dynamic=False)
+        _compiled[key] = fn
+    return fn
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:
@@ -195,7 +200,7 @@ def fused_update(
         is not compiled again.
     """
     key = (
-        table.device.type,
+        table.device,
         tuple((p.dtype, g.dtype, tuple(g.shape)) for p, g in zip(params, grads)),
         tuple(sorted(options.items())),
     )
@@ -203,7 +208,7 @@ def fused_update(
         return False
     try:
         with torch.no_grad():
-            _compiled()(
+            _compiled_for(key)(
                 list(params),
                 list(grads),
                 list(exp_avgs),
