@@ -17,6 +17,7 @@ from lossbalance._validation import (
     check_beta,
     check_choice,
     check_nonneg,
+    check_positive,
     warn_once,
 )
 
@@ -32,6 +33,15 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as a view of real (``(*shape, 2)``), as torch.optim.Adam updates it."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "magnitude")
+OPTIONS = ("grouping", "normalization", "second_moment", "magnitude_init")
 
 
 class MTAdam(Optimizer):
@@ -163,6 +173,8 @@ class MTAdam(Optimizer):
         grad_mode: str = "auto",
         process_group: Any = "auto",
         sync_free: bool | None = None,
+        max_grad_norm: float | None = None,
+        keep_stacks: bool = True,
     ) -> None:
         if isinstance(lr, Tensor):
             raise TypeError("MTAdam takes lr as a float")
@@ -178,6 +190,9 @@ class MTAdam(Optimizer):
         check_choice("second_moment", second_moment, SECOND_MOMENTS)
         check_choice("magnitude_init", magnitude_init, MAGNITUDE_INITS)
         check_choice("grad_mode", grad_mode, GRAD_MODES)
+        _check_max_grad_norm(max_grad_norm)
+        if not isinstance(keep_stacks, bool):
+            raise TypeError(f"Invalid keep_stacks: {keep_stacks!r} (expected a bool)")
         if term_weights is not None:
             term_weights = [float(w) for w in term_weights]
             for w in term_weights:
@@ -192,12 +207,17 @@ class MTAdam(Optimizer):
         self._resolved_grad_mode: str | None = None
         self.process_group = process_group
         self.sync_free = sync_free
-        self.threshold = 1e-10
+        self.keep_stacks = keep_stacks
+        # None: the relative, dtype-aware pass-through rule of the class docstring
+        self.threshold: float | None = None
         self._accum: dict[Tensor, Tensor] = {}
         self._accum_losses: Tensor | None = None
+        self._accum_scaled = False
         self.num_terms: int | None = None
         self._skipped: Tensor | None = None
         self._skipped_host = 0
+        self._scaler_skipped: Tensor | None = None
+        self._scaler_skipped_host = 0
         self._pending: list[tuple[Any, Tensor]] = []
         self._cache: dict[Any, Tensor] = {}
         # the CPU's per-term gradient stacks, reused from step to step (see _accumulate)
@@ -208,15 +228,9 @@ class MTAdam(Optimizer):
             eps=eps,
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
+            max_grad_norm=max_grad_norm,
         )
         super().__init__(params, defaults)
-        if grouping == "module":
-            for group in self.param_groups:
-                if "param_names" not in group:
-                    raise ValueError(
-                        "grouping='module' needs named parameters: pass "
-                        "model.named_parameters() (or groups of named parameters)"
-                    )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Accept (name, tensor) pairs on every torch version: names drive grouping="module".
@@ -229,22 +243,66 @@ class MTAdam(Optimizer):
         if params and all(isinstance(p, tuple) for p in params):
             param_group["param_names"] = [name for name, _ in params]
             param_group["params"] = [p for _, p in params]
+        _check_max_grad_norm(param_group.get("max_grad_norm"))
+        if self.grouping == "module":
+            # A layer is (param group, module path): two groups may both name a layer "0"
+            # (encoder and decoder Sequentials), but within a group a name must be unique.
+            names = param_group.get("param_names")
+            if names is None:
+                raise ValueError(
+                    "grouping='module' needs named parameters: pass "
+                    "model.named_parameters() (or groups of named parameters)"
+                )
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(
+                        f"grouping='module': {name!r} names two parameters of one param group, "
+                        "so their modules cannot be told apart: pass each module's "
+                        "named_parameters() as its own param group, or give them distinct "
+                        "prefixes (named_parameters(prefix=...))"
+                    )
+                seen.add(name)
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ public API
 
     @property
     def skipped_steps(self) -> int:
-        """Number of steps skipped because a loss or gradient was not finite."""
+        """Number of steps skipped because a loss or gradient was not finite (warned about);
+        steps a ``GradScaler`` overflow skipped are in :attr:`scaler_skipped_steps`."""
         self._flush_pending()
         if self._skipped is None:
             return self._skipped_host
         return self._skipped_host + int(self._skipped.item())
 
+    @property
+    def scaler_skipped_steps(self) -> int:
+        """Number of steps skipped, without a warning, because the gradients scaled by the
+        ``grad_scaler`` overflowed while the losses were finite (the scaler's normal
+        back-off, e.g. at the first steps)."""
+        if self._scaler_skipped is None:
+            return self._scaler_skipped_host
+        return self._scaler_skipped_host + int(self._scaler_skipped.item())
+
+    def release_buffers(self) -> None:
+        """Free the per-term gradient stacks kept between CPU steps (:math:`I|\\theta|`
+        elements, not state; see ``keep_stacks``). The next step allocates them again."""
+        self._stacks = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset ``.grad`` as ``torch.optim.Optimizer.zero_grad`` does, and drop the
+        micro-batches accumulated with :meth:`accumulate` that no step has applied yet."""
+        self._drop_accumulated()
+        super().zero_grad(set_to_none)
+
     def magnitudes(self) -> dict[Tensor, Tensor]:
         """The magnitude EMAs ``n_{i,l}``: for each stepped parameter a ``(I,)`` tensor."""
         return {p: s["magnitude"] for p, s in self.state.items() if "magnitude" in s}
 
+    # the per-term backward passes go through autograd: traced by dynamo, they fail on
+    # the second call, so a compiled caller graph-breaks here and the step runs eagerly
+    @torch.compiler.disable
     @torch.no_grad()
     def step(  # type: ignore[override]
         self,
@@ -261,7 +319,9 @@ class MTAdam(Optimizer):
                 accumulated with :meth:`accumulate`, these are added to them; with no
                 losses, the accumulated gradients alone are applied.
             closure: alternatively, a callable that recomputes the model and returns the
-                losses (as for ``torch.optim.LBFGS``).
+                losses (as for ``torch.optim.LBFGS``), or one loss after passing the terms
+                to :meth:`accumulate` itself (``lossbalance.lightning.MultiTermModule``).
+                Together with ``losses``, it must return ``None`` (Lightning's manual step).
             grad_scaler: a ``torch.amp.GradScaler``: the losses are scaled by it, the
                 per-term gradients unscaled before magnitudes and moments are computed,
                 and a step with inf/NaN gradients is skipped and reported to the scaler,
@@ -272,11 +332,23 @@ class MTAdam(Optimizer):
         """
         result = None
         if closure is not None:
-            if losses is not None:
-                raise TypeError("MTAdam.step takes either losses or a closure, not both")
             with torch.enable_grad():
                 result = closure()
-            losses = result
+            if losses is not None and result is not None:
+                raise TypeError(
+                    "MTAdam.step takes either losses or a closure that returns them, not both"
+                )
+            if isinstance(result, Tensor) and result.dim() == 0:
+                # one loss is fine only if the closure accumulated the terms itself
+                if not self._accum:
+                    raise TypeError(
+                        "MTAdam.step(closure=...): the closure returned one loss, MTAdam needs "
+                        "the loss terms: return them from the closure ([loss_0, loss_1, ...]); "
+                        "under PyTorch Lightning, subclass lossbalance.lightning.MultiTermModule "
+                        "and return the terms from training_step"
+                    )
+            elif result is not None:
+                losses = result
         if losses is None and not self._accum:
             raise TypeError(
                 "MTAdam.step needs the loss terms: call opt.step([loss_0, loss_1, ...]) "
@@ -284,9 +356,9 @@ class MTAdam(Optimizer):
             )
         if losses is not None:
             self._accumulate(losses, grad_scaler)
-        stacked, loss_vec = self._accum, self._accum_losses
-        self._accum, self._accum_losses = {}, None
-        finite = self._apply(stacked, loss_vec)
+        stacked, loss_vec, scaled = self._accum, self._accum_losses, self._accum_scaled
+        self._drop_accumulated()
+        finite = self._apply(stacked, loss_vec, scaled=scaled)
         if grad_scaler is not None and grad_scaler.is_enabled() and finite is not None:
             _report_to_scaler(grad_scaler, self, finite)
         return result
@@ -303,8 +375,15 @@ class MTAdam(Optimizer):
         For gradient accumulation: call ``accumulate(losses)`` on each micro-batch (with
         losses divided by the number of micro-batches for mean-reduced losses) and
         ``step()`` once. Magnitudes and moments see only the summed gradients.
+
+        Pending micro-batches are applied by the next :meth:`step` only: :meth:`zero_grad`
+        and :meth:`load_state_dict` drop them, and :meth:`step_with_grads` refuses to run
+        while there are any (it cannot apply them).
         """
         self._accumulate(losses, grad_scaler)
+
+    def _drop_accumulated(self) -> None:
+        self._accum, self._accum_losses, self._accum_scaled = {}, None, False
 
     def _accumulate(self, losses: Any, grad_scaler: torch.amp.GradScaler | None) -> None:
         with torch.enable_grad():
@@ -314,7 +393,19 @@ class MTAdam(Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if not params:
             return
+        if any(p.grad is not None for p in params):
+            warn_once(
+                "mtadam-dot-grad",
+                "MTAdam.step(losses) computes the per-term gradients itself and ignores the "
+                ".grad set on its parameters (a backward() or clip_grad_norm_ before it has no "
+                "effect): clip with MTAdam(max_grad_norm=...), or pass gradients you computed "
+                "with step_with_grads(...)",
+                stacklevel=5,
+            )
         scaling = grad_scaler is not None and grad_scaler.is_enabled()
+        # the loss values as the user computed them: a scaled loss can overflow where the
+        # loss is finite, and that overflow is the scaler's business, not a bad loss
+        loss_vec = torch.stack([loss.detach().float() for loss in items])
         if scaling:
             assert grad_scaler is not None
             with torch.enable_grad():
@@ -326,7 +417,7 @@ class MTAdam(Optimizer):
         # (I, |p|) block is a fresh mapping from the kernel each step (page faults, zeroing),
         # which costs a few % of the step. Not while accumulating (the first micro-batch's
         # stacks are then the accumulators), and not on accelerators (caching allocators).
-        reuse = not self._accum and all(p.device.type == "cpu" for p in params)
+        reuse = self.keep_stacks and not self._accum and all(p.device.type == "cpu" for p in params)
         grads = term_grads(
             items, params, mode=mode, out=[self._stacks.get(p) for p in params] if reuse else None
         )
@@ -338,11 +429,10 @@ class MTAdam(Optimizer):
             self._stacks = {p: g for p, g in zip(params, grads) if g is not None}
         else:
             self._stacks = {}
-        loss_vec = torch.stack([loss.detach().float() for loss in items])
         if scaling:
             assert grad_scaler is not None
             inv = grad_scaler._scale.double().reciprocal()  # type: ignore[union-attr]
-            loss_vec = loss_vec * inv.to(loss_vec.device, loss_vec.dtype)
+        self._accum_scaled = self._accum_scaled or scaling
         for p, g in zip(params, grads):
             if g is None:
                 continue
@@ -370,7 +460,16 @@ class MTAdam(Optimizer):
                 parameters (in ``param_groups`` order; ``None`` where a term does not reach
                 a parameter), or a mapping ``param -> tensor of shape (I, *param.shape)``.
             losses: optional loss values; if given and not finite, the step is skipped.
+
+        Raises ``RuntimeError`` while micro-batches from :meth:`accumulate` are pending
+        (apply them with :meth:`step`, or drop them with :meth:`zero_grad`). The gradients
+        may have any strides or memory format; they are copied, never modified.
         """
+        if self._accum:
+            raise RuntimeError(
+                "MTAdam.step_with_grads cannot apply the micro-batches pending from "
+                "accumulate(): call step() to apply them (or zero_grad() to drop them) first"
+            )
         params = [p for group in self.param_groups for p in group["params"]]
         stacked: dict[Tensor, Tensor] = {}
         if isinstance(term_grads, Mapping):
@@ -392,8 +491,9 @@ class MTAdam(Optimizer):
                     raise ValueError("per-term gradients disagree on the number of terms")
                 num = g.shape[0]
                 self._check_dense(g)
-                # the update scales the gradients in place; the caller's tensors stay intact
-                stacked[p] = g.clone()
+                # the update scales the gradients in place (the caller's tensors stay
+                # intact) and views each term's rows as one block (so any strides go)
+                stacked[p] = g.clone(memory_format=torch.contiguous_format)
             if num is None:
                 return
             self._check_num_terms(num)
@@ -441,28 +541,155 @@ class MTAdam(Optimizer):
         sd["mtadam"] = {
             "num_terms": self.num_terms,
             "skipped_steps": self.skipped_steps,
+            "scaler_skipped_steps": self.scaler_skipped_steps,
             "grad_mode": self._resolved_grad_mode,
+            "options": {name: getattr(self, name) for name in OPTIONS},
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an MTAdam checkpoint, all or nothing.
+
+        Everything is checked before anything changes: the param groups (count, sizes,
+        hyperparameters), the options that shape the state (``grouping``,
+        ``normalization``, ``second_moment``, ``magnitude_init``), the term count (against
+        ``term_weights`` too) and, per parameter, the state's keys, shapes, dtypes and
+        values (finite; second moments and magnitudes not negative). A mismatch raises a
+        ``ValueError`` that names the parameter and leaves the optimizer as it was. State
+        tensors are copied in the state dtype (float32 for bf16/fp16 parameters, never
+        rounded to the parameter's dtype), so a resumed run continues bit-identically.
+        Micro-batches pending from :meth:`accumulate` are dropped.
+        """
         state_dict = dict(state_dict)
         extra = state_dict.pop("mtadam", None)
-        super().load_state_dict(state_dict)
-        self._skipped = None
+        groups, state, num = self._checked_checkpoint(state_dict, extra)
+        super().load_state_dict({**state_dict, "state": {}, "param_groups": groups})
+        self.state.update(state)
+        self._drop_accumulated()
+        self._cache.clear()
+        self._skipped = self._scaler_skipped = None
         self._pending = []
-        if extra is not None:
-            self.num_terms = extra.get("num_terms")
-            self._skipped_host = int(extra.get("skipped_steps", 0))
-            self._resolved_grad_mode = extra.get("grad_mode")
-        else:
-            self._resolved_grad_mode = None
-            self.num_terms = None
-            self._skipped_host = 0
-            for s in self.state.values():
-                if "magnitude" in s:
-                    self.num_terms = int(s["magnitude"].shape[0])
-                    break
+        self.num_terms = num
+        extra = extra or {}
+        self._skipped_host = int(extra.get("skipped_steps", 0))
+        self._scaler_skipped_host = int(extra.get("scaler_skipped_steps", 0))
+        self._resolved_grad_mode = extra.get("grad_mode")
+
+    def _checked_checkpoint(
+        self, sd: dict[str, Any], extra: Any
+    ) -> tuple[list[dict[str, Any]], dict[Tensor, dict[str, Tensor]], int | None]:
+        """The validated param groups, the state converted for each parameter, and I."""
+        saved_groups, saved_state = sd.get("param_groups"), sd.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
+            raise ValueError(
+                "Invalid MTAdam checkpoint: expected an optimizer state_dict() with 'state' "
+                "and 'param_groups'"
+            )
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid MTAdam checkpoint: {len(saved_groups)} param groups, the optimizer "
+                f"has {len(self.param_groups)}"
+            )
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ValueError("Invalid MTAdam checkpoint: 'mtadam' must be a dict")
+        for name in OPTIONS:
+            saved = (extra or {}).get("options", {}).get(name, getattr(self, name))
+            if saved != getattr(self, name):
+                raise ValueError(
+                    f"Invalid MTAdam checkpoint: saved with {name}={saved!r}, this optimizer "
+                    f"has {name}={getattr(self, name)!r}"
+                )
+        params: dict[Any, Tensor] = {}
+        labels: dict[Any, str] = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            ids = list(saved.get("params", ()))
+            if len(ids) != len(group["params"]):
+                raise ValueError(
+                    f"Invalid MTAdam checkpoint: param group {gi} has {len(ids)} parameters, "
+                    f"the optimizer's has {len(group['params'])}"
+                )
+            names = saved.get("param_names") or group.get("param_names") or [None] * len(ids)
+            for k, name, p in zip(ids, names, group["params"]):
+                params[k] = p
+                labels[k] = f"parameter {k}" + (f" ({name})" if name else "")
+        num = extra.get("num_terms") if extra else None
+        if num is None:
+            num = next(
+                (
+                    int(s["magnitude"].shape[0])
+                    for s in saved_state.values()
+                    if isinstance(s, Mapping)
+                    and isinstance(s.get("magnitude"), Tensor)
+                    and s["magnitude"].dim() == 1
+                ),
+                None,
+            )
+        if num is not None and self.term_weights is not None and len(self.term_weights) != num:
+            raise ValueError(
+                f"term_weights has {len(self.term_weights)} entries but the checkpoint has "
+                f"{num} terms"
+            )
+        state = {}
+        for k, saved in saved_state.items():
+            if k not in params:
+                raise ValueError(
+                    f"Invalid MTAdam checkpoint: state for parameter {k!r}, which is in no "
+                    "param group"
+                )
+            _check_state_keys(f"Invalid MTAdam state for {labels[k]}", saved)
+            if num is None:
+                raise ValueError(f"Invalid MTAdam state for {labels[k]}: no term count")
+            state[params[k]] = self._checked_state(labels[k], params[k], saved, num)
+        # after the state, so that another optimizer's checkpoint is named as such first
+        groups = [
+            _checked_group(gi, saved, group)
+            for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups))
+        ]
+        return groups, state, num
+
+    def _checked_state(self, label: str, p: Tensor, saved: Any, num: int) -> dict[str, Tensor]:
+        where = f"Invalid MTAdam state for {label}"
+        _check_state_keys(where, saved)
+        dt = _state_dtype(p)
+        shapes = self._state_shapes(p, num)
+        out = {}
+        # the magnitudes first: their length is the term count, the likeliest mismatch
+        for key in ("magnitude", "step", "exp_avg", "exp_avg_sq"):
+            value = saved[key]
+            if key == "step":
+                value = torch.as_tensor(value)
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}: {key} is a {type(value).__name__}, not a tensor")
+            want = torch.float32 if key == "step" else dt.to_real() if key == "magnitude" else dt
+            if value.is_complex() != want.is_complex or not (
+                value.is_floating_point() or value.is_complex() or key == "step"
+            ):
+                raise ValueError(
+                    f"{where}: {key} has dtype {value.dtype} (expected {want}, or another "
+                    f"{'complex' if want.is_complex else 'floating-point'} dtype)"
+                )
+            if tuple(value.shape) != shapes[key] and not (key == "step" and value.numel() == 1):
+                hint = f", one per term: num_terms={num}" if key == "magnitude" else ""
+                raise ValueError(
+                    f"{where}: {key} has shape {tuple(value.shape)} (expected {shapes[key]}{hint})"
+                )
+            value = value.to(p.device, want, copy=True, memory_format=torch.contiguous_format)
+            value = value.reshape(shapes[key])
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where}: {key} is not finite (NaN or inf)")
+            if key != "exp_avg" and bool((_real(value) < 0).any()):
+                raise ValueError(f"{where}: {key} has negative entries")
+            out[key] = value
+        return {key: out[key] for key in STATE_KEYS}
+
+    def _state_shapes(self, p: Tensor, num: int) -> dict[str, tuple[int, ...]]:
+        shape = tuple(p.shape)
+        return {
+            "step": (),
+            "exp_avg": (num, *shape) if self.second_moment == "own" else shape,
+            "exp_avg_sq": shape if self.second_moment == "mean" else (num, *shape),
+            "magnitude": (num,),
+        }
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -474,6 +701,7 @@ class MTAdam(Optimizer):
             f"    magnitude_init: {self.magnitude_init}\n"
             f"    grad_mode: {self.grad_mode}\n"
             f"    sync_free: {self.sync_free}\n"
+            f"    keep_stacks: {self.keep_stacks}\n"
         )
         head, _, rest = text.partition("\n")
         return f"{head}\nOptions\n    {options}{rest}"
@@ -503,16 +731,18 @@ class MTAdam(Optimizer):
         state = self.state[p]
         if len(state) == 0:
             dt = _state_dtype(p)
+            shapes = self._state_shapes(p, num)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            shape_m = (num, *p.shape) if self.second_moment == "own" else p.shape
-            shape_v = p.shape if self.second_moment == "mean" else (num, *p.shape)
-            state["exp_avg"] = torch.zeros(shape_m, dtype=dt, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape_v, dtype=dt, device=p.device)
+            state["exp_avg"] = torch.zeros(shapes["exp_avg"], dtype=dt, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shapes["exp_avg_sq"], dtype=dt, device=p.device)
             fill = 1.0 if self.magnitude_init == "one" else 0.0
-            state["magnitude"] = torch.full((num,), fill, dtype=dt, device=p.device)
+            # complex parameters: complex moments (as torch.optim.Adam), real magnitudes
+            state["magnitude"] = torch.full((num,), fill, dtype=dt.to_real(), device=p.device)
         return state
 
-    def _apply(self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None) -> Tensor | None:
+    def _apply(
+        self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None, *, scaled: bool = False
+    ) -> Tensor | None:
         capturing = _is_capturing(next(iter(stacked)).device) if stacked else False
         if not capturing:
             self._flush_pending()
@@ -526,33 +756,48 @@ class MTAdam(Optimizer):
         groups = [[p for p in g["params"] if p in stacked] for g in self.param_groups]
         params = [p for ps in groups for p in ps]
         home = params[0].device
-        grads = {p: stacked[p].to(_state_dtype(p)) for p in params}
-        norms = _layer_norms([grads[p] for p in params], self._layer_index(params, home))
-        finite = torch.isfinite(norms).all()
-        if loss_vec is not None:
-            finite = finite & torch.isfinite(loss_vec.to(home)).all()
+        # One contiguous (I, *shape) block per parameter, whatever the caller's strides; a
+        # complex parameter is updated as a view of real, as torch.optim.Adam does.
+        grads = {
+            p: _real(stacked[p].to(_state_dtype(p), memory_format=torch.contiguous_format))
+            for p in params
+        }
         # On the CPU the flag is read for free (no device to wait for): a bad step returns
         # here, and good steps skip the masking that keeps accelerator steps sync-free.
         masked = self.sync_free if self.sync_free is not None else home.type != "cpu"
+        norms = _layer_norms(
+            [grads[p] for p in params], self._layer_index(params, home), read_host=not masked
+        )
+        finite = torch.isfinite(norms).all()
+        quiet = None
+        if loss_vec is not None:
+            finite_losses = torch.isfinite(loss_vec.to(home)).all()
+            if scaled:
+                # finite losses whose scaled gradients overflowed: the GradScaler's back-off
+                quiet = ~finite & finite_losses
+            finite = finite & finite_losses
         if capturing:
             self._check_capturable(params, home, masked)
         if not masked and not bool(finite):
-            self._record_finite(finite, masked)
+            self._record_finite(finite, masked, quiet=quiet)
             return finite
         weights = self._term_weight_tensor(home)
+        states = {p: self._init_state(p, num) for p in params}
+        clips = self._clip_coefficients(
+            groups, grads, states, norms, finite, weights, read_host=not masked
+        )
         start = 0
-        for group, ps in zip(self.param_groups, groups):
+        for group, ps, clip in zip(self.param_groups, groups, clips):
             if not ps:
                 continue
-            states = [self._init_state(p, num) for p in ps]
             beta1, beta2, beta3 = group["betas"]
             mtadam(
-                ps,
+                [_real(p) for p in ps],
                 [grads[p] for p in ps],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["magnitude"] for s in states],
-                [s["step"] for s in states],
+                [_real(states[p]["exp_avg"]) for p in ps],
+                [_real(states[p]["exp_avg_sq"]) for p in ps],
+                [states[p]["magnitude"] for p in ps],
+                [states[p]["step"] for p in ps],
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -568,10 +813,59 @@ class MTAdam(Optimizer):
                 norms=norms[start : start + len(ps)],
                 finite=finite,
                 masked=masked,
+                clip=clip,
             )
             start += len(ps)
-        self._record_finite(finite, masked, capturing)
+        self._record_finite(finite, masked, capturing, quiet=quiet)
         return finite
+
+    def _clip_coefficients(
+        self,
+        groups: list[list[Tensor]],
+        grads: dict[Tensor, Tensor],
+        states: dict[Tensor, dict[str, Any]],
+        norms: Tensor,
+        finite: Tensor,
+        weights: Tensor | None,
+        *,
+        read_host: bool,
+    ) -> list[Tensor | None]:
+        """Per param group, ``min(1, max_grad_norm / (||sum_i g~_i|| + 1e-6))``, the norm taken
+        over every parameter of the step, as ``torch.nn.utils.clip_grad_norm_`` computes it."""
+        limits = [g.get("max_grad_norm") for g in self.param_groups]
+        if all(c is None for c in limits):
+            return [None] * len(groups)
+        home = norms.device
+        total = torch.zeros((), dtype=torch.float64, device=home)
+        start = 0
+        for group, ps in zip(self.param_groups, groups):
+            if not ps:
+                continue
+            gs = [grads[p] for p in ps]
+            _, scale, _ = _balance_scales(
+                gs,
+                [states[p]["magnitude"] for p in ps],
+                [states[p]["step"] for p in ps],
+                norms[start : start + len(ps)],
+                finite,
+                beta3=group["betas"][2],
+                normalization=self.normalization,
+                magnitude_init=self.magnitude_init,
+                term_weights=weights,
+                threshold=self.threshold,
+            )
+            total = total + _balanced_sq_norm(gs, scale, read_host=read_host)
+            start += len(ps)
+        total = total.sqrt()
+        out: list[Tensor | None] = []
+        for c in limits:
+            if c is None:
+                out.append(None)
+                continue
+            coef = (float(c) / (total + 1e-6)).clamp(max=1.0)
+            # a skipped step measures NaN; keep the (masked) scales finite
+            out.append(torch.where(finite, coef, torch.ones_like(coef)))
+        return out
 
     def _check_capturable(self, params: list[Tensor], home: torch.device, masked: bool) -> None:
         """Refuse to capture what a CUDA graph would replay wrongly."""
@@ -657,12 +951,13 @@ class MTAdam(Optimizer):
         if self.grouping == "global":
             ids = [0] * len(params)
         else:
-            names: dict[Tensor, str] = {}
-            for group in self.param_groups:
+            # a layer is (param group, module path), so equal names in two groups differ
+            layer: dict[Tensor, tuple[int, str]] = {}
+            for gi, group in enumerate(self.param_groups):
                 for name, p in zip(group["param_names"], group["params"]):
-                    names[p] = name.rpartition(".")[0]
-            seen: dict[str, int] = {}
-            ids = [seen.setdefault(names[p], len(seen)) for p in params]
+                    layer[p] = (gi, name.rpartition(".")[0])
+            seen: dict[tuple[int, str], int] = {}
+            ids = [seen.setdefault(layer[p], len(seen)) for p in params]
         index = torch.tensor(ids, dtype=torch.long).to(home)
         self._cache[("layers", key)] = index
         return index
@@ -676,25 +971,39 @@ class MTAdam(Optimizer):
             self._cache[("weights", home)] = cached
         return cached
 
-    def _record_finite(self, finite: Tensor, masked: bool, capturing: bool = False) -> None:
-        skipped = (~finite).to(torch.int64)
+    def _record_finite(
+        self,
+        finite: Tensor,
+        masked: bool,
+        capturing: bool = False,
+        quiet: Tensor | None = None,
+    ) -> None:
+        """Count a skipped step: in ``skipped_steps`` (and warn), or, where ``quiet`` is
+        true (a GradScaler overflow), in ``scaler_skipped_steps`` without a word."""
+        ok = finite if quiet is None else finite | quiet
         if self._skipped is None or self._skipped.device != finite.device:
             if self._skipped is not None:
                 self._skipped_host += int(self._skipped.item())
+            if self._scaler_skipped is not None:
+                self._scaler_skipped_host += int(self._scaler_skipped.item())
             self._skipped = torch.zeros((), dtype=torch.int64, device=finite.device)
-        self._skipped.add_(skipped)
+            self._scaler_skipped = torch.zeros((), dtype=torch.int64, device=finite.device)
+        assert self._scaler_skipped is not None
+        self._skipped.add_((~ok).to(torch.int64))
+        if quiet is not None:
+            self._scaler_skipped.add_(quiet.to(torch.int64))
         if capturing:
             # a replay only advances the device counter; the pinned copy and event below
             # are host-side objects that a graph cannot renew at each replay
             return
         if not masked:
-            if not bool(finite):
+            if not bool(ok):
                 self._warn_skip()
             return
         # Read the flag later without blocking: copy it to the host asynchronously and
         # look at it once the copy has completed (at a later step or skipped_steps).
         host = torch.empty((), dtype=torch.bool, pin_memory=torch.cuda.is_available())
-        host.copy_(finite, non_blocking=True)
+        host.copy_(ok, non_blocking=True)
         event = torch.cuda.Event() if finite.device.type == "cuda" else None
         if event is not None:
             event.record()
@@ -717,6 +1026,63 @@ class MTAdam(Optimizer):
             "parameters and state were left untouched. See MTAdam.skipped_steps.",
             stacklevel=4,
         )
+
+
+def _check_state_keys(where: str, saved: Any) -> None:
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{where}: expected a dict, got {type(saved).__name__}")
+    for key in STATE_KEYS:
+        if key not in saved:
+            raise ValueError(
+                f"{where}: missing {key!r} (expected {', '.join(STATE_KEYS)}: is this an "
+                "MTAdam checkpoint? Another optimizer's state cannot be loaded)"
+            )
+    for key in saved:
+        if key not in STATE_KEYS:
+            raise ValueError(f"{where}: unknown key {key!r} (expected {', '.join(STATE_KEYS)})")
+
+
+def _check_max_grad_norm(value: Any) -> None:
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"Invalid max_grad_norm: {value!r} (expected a float or None)")
+        check_positive("max_grad_norm", float(value))
+
+
+GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay")
+
+
+def _checked_group(index: int, saved: Mapping[str, Any], group: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group, validated as the constructor validates its hyperparameters."""
+    where = f"in param group {index}"
+    for key in GROUP_KEYS:
+        if key not in saved:
+            raise ValueError(f"Invalid MTAdam checkpoint: {key!r} is missing {where}")
+    out = dict(saved)
+    # checkpoints from before max_grad_norm keep the optimizer's own setting
+    out.setdefault("max_grad_norm", group.get("max_grad_norm"))
+    betas = out["betas"]
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 3
+        or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+    ):
+        raise ValueError(
+            f"Invalid betas {where}: {betas!r} (expected (beta1, beta2, beta3), each in [0, 1))"
+        )
+    try:
+        for key, name in (
+            ("lr", "learning rate"),
+            ("eps", "eps"),
+            ("weight_decay", "weight_decay"),
+        ):
+            if isinstance(out[key], Tensor):
+                raise ValueError(f"Invalid {name}: a tensor (expected a float)")
+            check_nonneg(name, out[key])
+        _check_max_grad_norm(out["max_grad_norm"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{err} {where} of the checkpoint") from None
+    return out
 
 
 def _resolved_auto_mode(params: list[Tensor], num_terms: int) -> str | None:
@@ -764,10 +1130,35 @@ def _in_order(blocks: list[Tensor], buckets: dict[Bucket, list[int]]) -> Tensor:
     return torch.stack([rows[k] for k in range(len(rows))])
 
 
-def _layer_norms(grads: list[Tensor], layer_index: Tensor | None) -> Tensor:
+# 2^-100: brings a float32 norm that overflowed (above ~1.8e19) back into range, exactly
+_NORM_SHRINK = 2.0**-100
+
+
+def _norms(tensors: list[Tensor], read_host: bool) -> Tensor:
+    """float64 2-norms of same-dtype tensors, one ``_foreach_norm``, without overflow.
+
+    Below float64, ``_foreach_norm`` sums the squares in the tensor's dtype, so a float32
+    norm above ~1.8e19 is inf although every entry is finite. Those are measured again from
+    the tensors scaled by 2^-100 (exact): on the CPU (``read_host``) only when one
+    overflowed, else for all (a masked step cannot branch on a device value).
+    """
+    norms = torch.stack(torch._foreach_norm(tensors))
+    if tensors[0].dtype == torch.float64:
+        return norms
+    overflow = torch.isinf(norms)
+    if read_host and not bool(overflow.any()):
+        return norms.double()
+    shrunk = torch.stack(torch._foreach_norm(torch._foreach_mul(tensors, _NORM_SHRINK)))
+    return torch.where(overflow, shrunk.double() / _NORM_SHRINK, norms.double())
+
+
+def _layer_norms(
+    grads: list[Tensor], layer_index: Tensor | None, *, read_host: bool = False
+) -> Tensor:
     """(P, I) float64 magnitudes ||g_{i,l}|| of each parameter's layer, per term.
 
-    One ``_foreach_norm`` over the per-term views of all tensors of a (device, dtype).
+    One ``_foreach_norm`` over the per-term views of all tensors of a (device, dtype)
+    (see :func:`_norms` for the overflow guard).
     """
     home = grads[0].device
     num = grads[0].shape[0]
@@ -775,7 +1166,7 @@ def _layer_norms(grads: list[Tensor], layer_index: Tensor | None) -> Tensor:
     blocks = []
     for idx in buckets.values():
         terms = [t for k in idx for t in grads[k].unbind(0)]
-        norms = torch.stack(torch._foreach_norm(terms)).view(len(idx), num)
+        norms = _norms(terms, read_host).view(len(idx), num)
         blocks.append(norms.to(home, torch.float64))
     norms = _in_order(blocks, buckets)
     if layer_index is None:
@@ -844,10 +1235,11 @@ def mtadam(
     normalization: str = "anchor",
     second_moment: str = "max",
     magnitude_init: str = "first",
-    threshold: float = 1e-10,
+    threshold: float | None = None,
     norms: Tensor | None = None,
     finite: Tensor | None = None,
     masked: bool = True,
+    clip: Tensor | None = None,
 ) -> Tensor:
     """Functional MTAdam update of one parameter group (math in :class:`MTAdam`), in place.
 
@@ -869,7 +1261,9 @@ def mtadam(
         lr, beta1, beta2, beta3, eps, weight_decay, decoupled_weight_decay: as in
             :class:`MTAdam`.
         term_weights: ``(I,)`` multipliers, or ``None``.
-        normalization, second_moment, magnitude_init, threshold: as in :class:`MTAdam`.
+        normalization, second_moment, magnitude_init: as in :class:`MTAdam`.
+        threshold: ``None`` (default) for the relative pass-through rule of
+            :class:`MTAdam`; a float for an absolute one (the authors' code used ``1e-10``).
         norms: ``(P, I)`` float64 layer magnitudes of this step; computed per tensor from
             ``grads`` (one ``_foreach_norm``) if ``None`` (the optimizer passes them for module/global grouping).
         finite: 0-dim bool; when ``False`` nothing changes. Computed from ``norms`` if
@@ -877,6 +1271,8 @@ def mtadam(
         masked: apply ``finite`` by masking, without reading it on the host (default). With
             ``False`` the caller guarantees that ``finite`` is true, and the masking passes
             are skipped.
+        clip: optional 0-dim float64 factor that multiplies every balanced gradient before
+            the moments (``MTAdam(max_grad_norm=...)``'s clip coefficient).
 
     Returns:
         The 0-dim bool ``finite`` flag. No host synchronisation happens.
@@ -886,40 +1282,25 @@ def mtadam(
     count = len(params)
     buckets = _buckets(grads)
     if norms is None:
-        norms = _layer_norms(grads, None)
+        norms = _layer_norms(grads, None, read_host=not masked)
     if finite is None:
         finite = torch.isfinite(norms).all()
     keep = finite.to(torch.float64)
 
-    # the per-layer scalars of all tensors as (P, I) and (P,) float64 tensors on `home`
-    mags = _in_order(
-        [
-            torch.stack([magnitudes[k] for k in idx]).to(home, torch.float64)
-            for idx in buckets.values()
-        ],
-        buckets,
+    new_mags, scale, step_old = _balance_scales(
+        grads,
+        magnitudes,
+        steps,
+        norms,
+        finite,
+        beta3=beta3,
+        normalization=normalization,
+        magnitude_init=magnitude_init,
+        term_weights=term_weights,
+        threshold=threshold,
     )
-    step_old = _in_order(
-        [torch.stack([steps[k] for k in idx]).to(home, torch.float64) for idx in buckets.values()],
-        buckets,
-    )
-    if magnitude_init == "first":
-        rate = torch.where(step_old == 0, torch.ones_like(step_old), 1.0 - beta3).unsqueeze(1)
-    else:
-        rate = torch.full_like(step_old, 1.0 - beta3).unsqueeze(1)
-    measured = torch.where(finite, norms, mags)
-    new_mags = torch.lerp(mags, measured, rate * keep)
-
-    above = new_mags > threshold
-    if normalization == "anchor":
-        anchor = new_mags.gather(1, above.to(torch.uint8).argmax(dim=1, keepdim=True))
-        scale = torch.where(above, anchor / new_mags, 1.0)
-    elif normalization == "unit":
-        scale = torch.where(above, 1.0 / new_mags, 1.0)
-    else:
-        scale = torch.ones_like(new_mags)
-    if term_weights is not None:
-        scale = scale * term_weights.to(home).unsqueeze(0)
+    if clip is not None:
+        scale = scale * clip.to(home, torch.float64)
 
     # A skipped first step leaves step == 0; the clamp keeps the (unused) factors finite.
     step_c = (step_old + keep).clamp(min=1.0)
@@ -970,6 +1351,7 @@ def mtadam(
             and not masked
             and second_moment != "own"
             and (weight_decay == 0 or decoupled_weight_decay)
+            and _foldable(tab[:, :num], beta2, dt)
         ):
             # The memory-bound CPU path: the scales are folded into the consumers instead
             # of a read-write pass g *= s over the (I, |p|) stack: the first moment's sum
@@ -1019,6 +1401,78 @@ def mtadam(
     return finite
 
 
+def _balance_scales(
+    grads: list[Tensor],
+    magnitudes: list[Tensor],
+    steps: list[Tensor],
+    norms: Tensor,
+    finite: Tensor,
+    *,
+    beta3: float,
+    normalization: str,
+    magnitude_init: str,
+    term_weights: Tensor | None,
+    threshold: float | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The updated magnitude EMAs, the scales ``w_i n_a / n_i`` (both ``(P, I)``) and the
+    old step counts ``(P,)``, float64 on the first tensor's device; nothing is written."""
+    home = grads[0].device
+    buckets = _buckets(grads)
+    keep = finite.to(torch.float64)
+    # the per-layer scalars of all tensors as (P, I) and (P,) float64 tensors on `home`
+    mags = _in_order(
+        [
+            torch.stack([magnitudes[k] for k in idx]).to(home, torch.float64)
+            for idx in buckets.values()
+        ],
+        buckets,
+    )
+    step_old = _in_order(
+        [torch.stack([steps[k] for k in idx]).to(home, torch.float64) for idx in buckets.values()],
+        buckets,
+    )
+    if magnitude_init == "first":
+        rate = torch.where(step_old == 0, torch.ones_like(step_old), 1.0 - beta3).unsqueeze(1)
+    else:
+        rate = torch.full_like(step_old, 1.0 - beta3).unsqueeze(1)
+    measured = torch.where(finite, norms, mags)
+    new_mags = torch.lerp(mags, measured, rate * keep)
+
+    if threshold is None:
+        # Relative and dtype-aware: a term passes unscaled where its magnitude is at most
+        # tiny * max(1, largest magnitude of the layer), tiny the smallest normal number of
+        # the state dtype. So an exactly zero term passes, any ratio the dtype resolves is
+        # scaled, and n_a / n_i < 1 / tiny stays finite in that dtype.
+        tiny = max(torch.finfo(dt).tiny for _, dt in buckets)
+        limit = new_mags.amax(dim=1, keepdim=True).clamp(min=1.0) * tiny
+        above = new_mags > limit
+    else:
+        above = new_mags > threshold
+    if normalization == "anchor":
+        anchor = new_mags.gather(1, above.to(torch.uint8).argmax(dim=1, keepdim=True))
+        scale = torch.where(above, anchor / new_mags, 1.0)
+    elif normalization == "unit":
+        scale = torch.where(above, 1.0 / new_mags, 1.0)
+    else:
+        scale = torch.ones_like(new_mags)
+    if term_weights is not None:
+        scale = scale * term_weights.to(home).unsqueeze(0)
+    return new_mags, scale, step_old
+
+
+def _balanced_sq_norm(grads: list[Tensor], scale: Tensor, *, read_host: bool) -> Tensor:
+    """``sum_l ||sum_i scale_{l,i} g_{i,l}||^2`` as a 0-dim float64 tensor (for clipping)."""
+    home = grads[0].device
+    buckets = _buckets(grads)
+    rows = scale.unbind(0)
+    total = torch.zeros((), dtype=torch.float64, device=home)
+    for (dev, dt), idx in buckets.items():
+        tab = torch.stack([rows[k] for k in idx]).to(dev, dt)
+        sums = _sum_terms([grads[k] for k in idx], [r.view(1, -1) for r in tab.unbind(0)])
+        total = total + _norms(sums, read_host).to(home).square().sum()
+    return total
+
+
 def _scaled_moments(
     ms: list[Tensor],
     vs: list[Tensor],
@@ -1062,6 +1516,17 @@ def _scaled_moments(
         torch._foreach_add_(vs, _sum_terms(torch._foreach_mul(gs, gs), mean_row), alpha=1.0 - beta2)
     else:
         torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+
+
+def _foldable(scales: Tensor, beta2: float, dtype: torch.dtype) -> bool:
+    """Whether :func:`_fold_moments` may run: it multiplies ``(1 - beta2) s_i^2`` into
+    ``g_i^2``, and that factor (with a margin for the products) must be a normal number of
+    the dtype; a term scaled by ~1e-15 (float32) would flush it to zero and one scaled up
+    by ~1e20 overflow ``g_i^2``. Host values: for the CPU path only."""
+    info = torch.finfo(dtype)
+    sq = scales.double().square() * (1.0 - beta2)
+    ok = (sq == 0) | ((sq > info.tiny * 2.0**24) & (sq < info.max * 2.0**-24))
+    return bool(ok.all())
 
 
 def _fold_moments(
