@@ -40,6 +40,8 @@ from lossbalance._validation import as_loss_list, check_choice, warn_once
 __all__ = ["backward"]
 
 
+# per-term backward passes: a compiled caller graph-breaks here and runs this eagerly
+@torch.compiler.disable
 def backward(
     losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor,
     balancer: Balancer,
