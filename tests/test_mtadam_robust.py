@@ -251,6 +251,25 @@ def test_torch_adam_state_dict_is_refused_clearly():
         opt.load_state_dict(adam.state_dict())
 
 
+def test_checkpoint_without_the_new_entries_still_loads():
+    # checkpoints written before the options and the scaler counter were saved
+    model, opt = _trained()
+    sd = _roundtrip(opt.state_dict())
+    del sd["mtadam"]["options"], sd["mtadam"]["scaler_skipped_steps"]
+    for group in sd["param_groups"]:
+        del group["max_grad_norm"]
+    twin = make_net()
+    twin.load_state_dict(model.state_dict())
+    opt_t = MTAdam(twin.parameters(), lr=1e-2)
+    opt_t.load_state_dict(sd)
+    assert opt_t.param_groups[0]["max_grad_norm"] is None and opt_t.scaler_skipped_steps == 0
+    for x in batches(2, seed=4):
+        opt.step(model.losses(x))
+        opt_t.step(twin.losses(x))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_term_weights_must_match_the_checkpoint_term_count():
     _, opt = _trained()
     sd = _roundtrip(opt.state_dict())
@@ -367,12 +386,13 @@ def test_transposed_linear_gradients():
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
-def test_complex_parameters_one_term_equals_adam(dtype):
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_complex_parameters_one_term_equals_adam(dtype, sync_free):
     torch.manual_seed(0)
     w = torch.randn(5, 3, dtype=dtype)
     x = torch.randn(7, 5, dtype=dtype)
     p1, p2 = nn.Parameter(w.clone()), nn.Parameter(w.clone())
-    opt = MTAdam([p1], lr=1e-2, weight_decay=0.1)
+    opt = MTAdam([p1], lr=1e-2, weight_decay=0.1, sync_free=sync_free)
     adam = torch.optim.Adam([p2], lr=1e-2, weight_decay=0.1)
     for _ in range(5):
         opt.step([(x @ p1).abs().pow(2).mean()])
@@ -455,11 +475,20 @@ def test_exactly_zero_term_still_passes_unscaled_and_is_not_the_anchor():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.1, False), (0.1, True)])
-def test_one_term_max_grad_norm_equals_clip_grad_norm_then_adam(dtype, wd, decoupled):
+@pytest.mark.parametrize(
+    "wd,decoupled,sync_free",
+    [(0.0, False, False), (0.1, False, False), (0.1, True, False), (0.1, False, True)],
+)
+def test_one_term_max_grad_norm_equals_clip_grad_norm_then_adam(dtype, wd, decoupled, sync_free):
     m1, m2 = make_net(dtype), make_net(dtype)
     kw = dict(lr=1e-2, weight_decay=wd)
-    opt = MTAdam(m1.parameters(), max_grad_norm=0.05, decoupled_weight_decay=decoupled, **kw)
+    opt = MTAdam(
+        m1.parameters(),
+        max_grad_norm=0.05,
+        decoupled_weight_decay=decoupled,
+        sync_free=sync_free,
+        **kw,
+    )
     adam = (torch.optim.AdamW if decoupled else torch.optim.Adam)(m2.parameters(), **kw)
     clipped = []
     for x in batches(5, dtype):

@@ -61,20 +61,60 @@ class MTAdam(Optimizer):
             {\sqrt{\max_i v_i / (1 - \beta_2^t)} + \epsilon}
 
     with ``betas = (beta1, beta2, beta3)``, :math:`w_i` = ``term_weights[i]`` (default 1)
-    and :math:`a` the anchor: term 0, or where term 0's magnitude in a layer is at most
-    ``1e-10`` the first term above that. A term whose own magnitude is at most ``1e-10``
-    passes unscaled. The magnitude EMA starts from the first measured magnitude
+    and :math:`a` the anchor: the first term whose magnitude in the layer is *measured*,
+    :math:`n_{i,l} > \tau_l`; a term at or below :math:`\tau_l` passes unscaled and is not
+    the anchor. The threshold is relative and dtype-aware,
+    :math:`\tau_l = \mathrm{tiny} \cdot \max(1, \max_j n_{j,l})` with tiny the smallest
+    normal number of the state dtype (``torch.finfo(dtype).tiny``: 1.2e-38 for float32,
+    2.2e-308 for float64): a term whose gradient is exactly zero in a layer passes unscaled,
+    while any ratio the dtype can represent is balanced, so scaling a non-anchor term by
+    1e-15 .. 1e15 (float64; float32 as far as its range allows) changes nothing but
+    rounding, and :math:`n_a / n_i < 1 / \mathrm{tiny}` stays finite. (The authors' code,
+    and this class before, used an absolute ``1e-10``, which ignored a term scaled by
+    1e-15; the functional :func:`~lossbalance.functional.mtadam` still takes an absolute
+    ``threshold=``.) The magnitude EMA starts from the first measured magnitude
     (``magnitude_init="first"``, as the authors' code) or from Algorithm 1's literal
-    :math:`n_0 = 1` (``magnitude_init="one"``). A layer is a parameter tensor.
+    :math:`n_0 = 1` (``magnitude_init="one"``). A layer is a parameter tensor. Norms are
+    computed without overflow: float32 sums of squares overflow above a norm of ~1.8e19, so
+    on CUDA they accumulate in float64 and elsewhere such a norm is measured again on the
+    gradients scaled by :math:`2^{-100}`.
 
     Because all terms share one bias correction, :math:`\sum_i m_i` is kept in a single
     buffer; only the second moments have one slice per term, so the state is
     :math:`(I + 1)|\theta|` elements plus :math:`I` magnitudes per parameter tensor.
-    bf16/fp16 parameters get float32 state; the update is computed in float32 and
+    Dtypes: bf16/fp16 parameters get float32 state; the update is computed in float32 and
     rounded into the parameter (no float32 master copy is kept, as in torch.optim.Adam).
-    On the CPU, the per-term gradient stacks of the sequential grad mode (:math:`I|\theta|`,
-    the working memory of every step) are kept between steps and written again, which
-    saves a fresh allocation and its page faults each step; they are not state.
+    :meth:`load_state_dict` keeps that float32 state (it never rounds it to the
+    parameter's dtype), so a resumed run continues bit-identically for float16, bfloat16,
+    float32 and float64. Complex parameters are updated as views of real
+    (``torch.view_as_real``), as torch.optim.Adam does: complex moments, real magnitudes,
+    the magnitude of a complex gradient its 2-norm; with one term MTAdam equals
+    torch.optim.Adam on them. Per-term gradients may have any strides or memory format
+    (channels_last, transposed views); the parameter keeps its own memory format.
+
+    Memory: on the CPU, the per-term gradient stacks of the sequential grad mode
+    (:math:`I|\theta|` elements, as much as the second moments) are kept between steps and
+    written again, which saves a fresh allocation and its page faults each step; they are
+    not state (not in ``state_dict``). ``keep_stacks=False`` frees them after every step
+    (for a model whose :math:`I|\theta|` does not fit twice), :meth:`release_buffers` frees
+    them once (e.g. before evaluation); the next step allocates them again.
+
+    Gradient accumulation: :meth:`accumulate` adds a micro-batch's per-term gradients, the
+    next :meth:`step` applies the sums. :meth:`zero_grad` and :meth:`load_state_dict` drop
+    pending micro-batches; :meth:`step_with_grads` raises while there are any.
+
+    Clipping: ``.grad`` plays no part in :meth:`step` (it computes the per-term gradients
+    itself; a warning says so when ``.grad`` is set on its parameters), so
+    ``clip_grad_norm_`` before it does nothing. ``max_grad_norm=c`` clips instead the
+    global norm of the balanced gradient :math:`\sum_i \tilde g_i` (scaled and weighted,
+    before weight decay) over all parameters of the step, by the factor
+    :math:`\min(1, c / (\lVert \sum_i \tilde g_i \rVert + 10^{-6}))` applied to every
+    :math:`\tilde g_i` before both moments. That is what ``clip_grad_norm_(c)`` does to
+    ``torch.optim.Adam``'s input, so with one term the two agree (up to rounding). The
+    balanced gradient is clipped rather than each raw :math:`g_i` because balancing would
+    undo a per-term clip (the scales :math:`n_{a,l}/n_{i,l}` restore the anchor's
+    magnitude), and the clip should bound the step's input, as for Adam. The magnitudes
+    are measured before clipping. The clip costs one more pass over the stacks.
 
     Args:
         params: parameters or param groups (named parameters are accepted, and are needed
@@ -93,8 +133,11 @@ class MTAdam(Optimizer):
             of terms.
         grouping: what a layer is: ``"parameter"`` (each tensor, the paper's setting),
             ``"module"`` (tensors of one module share a magnitude; needs named
-            parameters), ``"global"`` (one magnitude per term for the whole model,
-            Table 5 ablation (ii)).
+            parameters; a module is a (param group, module path) pair, so two groups whose
+            layers are both named ``0``, e.g. an encoder and a decoder ``Sequential``, or a
+            head added with :meth:`add_param_group`, are two modules, and a name that
+            appears twice within one group is refused), ``"global"`` (one magnitude per
+            term for the whole model, Table 5 ablation (ii)).
         normalization: ``"anchor"`` (the method), ``"unit"`` (each term divided by its own
             magnitude without the anchor's, ablation (iii)) or ``"none"`` (no magnitude
             normalisation, ablation (i)).
@@ -115,6 +158,12 @@ class MTAdam(Optimizer):
             step is applied with zero weights instead of being branched on. ``None``
             (default) means on accelerators; on the CPU reading the flag costs nothing, so
             a bad step returns early there.
+        max_grad_norm: clip the global norm of the balanced gradient to this value
+            (``> 0``; default ``None``, no clipping), see "Clipping" above. A param-group
+            option (saved in ``state_dict``'s ``param_groups``); groups with different
+            values share the one global norm, each clipped to its own limit.
+        keep_stacks: keep the CPU per-term gradient stacks between steps (default
+            ``True``), see "Memory" above.
 
     CUDA graphs: with ``sync_free`` (the default on CUDA) a whole training step (forward,
     ``step(losses)``) can be captured with ``torch.cuda.graph`` and replayed. The step
@@ -153,7 +202,11 @@ class MTAdam(Optimizer):
         - ``term_weights`` multiply every term; theirs skipped the multiplier of a term
           whose magnitude was below the threshold.
         - A step whose losses or gradients are not finite is skipped (parameters and state
-          untouched) and counted in :attr:`skipped_steps`.
+          untouched), counted in :attr:`skipped_steps` and warned about once. Under a
+          ``grad_scaler``, a step whose losses are finite but whose scaled gradients
+          overflowed is the scaler's normal back-off: it is counted in
+          :attr:`scaler_skipped_steps`, without a warning. Both counters are saved in
+          ``state_dict``.
     """
 
     def __init__(
@@ -1135,16 +1188,20 @@ _NORM_SHRINK = 2.0**-100
 
 
 def _norms(tensors: list[Tensor], read_host: bool) -> Tensor:
-    """float64 2-norms of same-dtype tensors, one ``_foreach_norm``, without overflow.
+    """float64 2-norms of same-dtype tensors (``_foreach_norm``), without overflow.
 
     Below float64, ``_foreach_norm`` sums the squares in the tensor's dtype, so a float32
-    norm above ~1.8e19 is inf although every entry is finite. Those are measured again from
-    the tensors scaled by 2^-100 (exact): on the CPU (``read_host``) only when one
-    overflowed, else for all (a masked step cannot branch on a device value).
+    norm above ~1.8e19 is inf although every entry is finite. On CUDA, asking for a float64
+    result makes the fused kernel accumulate in float64 (one pass, no copy). Elsewhere (the
+    CPU runs that variant as a float64 copy per tensor, 8x slower) overflowed norms are
+    measured again from the tensors scaled by 2^-100 (exact): with ``read_host`` only when
+    one overflowed, else for all (a masked step cannot branch on a device value).
     """
-    norms = torch.stack(torch._foreach_norm(tensors))
     if tensors[0].dtype == torch.float64:
-        return norms
+        return torch.stack(torch._foreach_norm(tensors))
+    if tensors[0].device.type == "cuda":
+        return torch.stack(torch._foreach_norm(tensors, 2, torch.float64))
+    norms = torch.stack(torch._foreach_norm(tensors))
     overflow = torch.isinf(norms)
     if read_host and not bool(overflow.any()):
         return norms.double()
@@ -1265,7 +1322,8 @@ def mtadam(
         threshold: ``None`` (default) for the relative pass-through rule of
             :class:`MTAdam`; a float for an absolute one (the authors' code used ``1e-10``).
         norms: ``(P, I)`` float64 layer magnitudes of this step; computed per tensor from
-            ``grads`` (one ``_foreach_norm``) if ``None`` (the optimizer passes them for module/global grouping).
+            ``grads`` (one ``_foreach_norm``) if ``None`` (the optimizer passes them for
+            module/global grouping).
         finite: 0-dim bool; when ``False`` nothing changes. Computed from ``norms`` if
             ``None``.
         masked: apply ``finite`` by masking, without reading it on the host (default). With
