@@ -4,7 +4,9 @@ Question: what does a full step (forward + per-term gradients + update) cost wit
 ``lossbalance.MTAdam``, against ``torch.optim.Adam`` on the summed loss and against a
 naive MTAdam written like the authors' code (``naive_mtadam.py``)? How large is MTAdam's
 update next to forward + I sequential ``autograd.grad`` (the CPU target: <= 10%)? How much
-optimizer state does each hold? Where does the time of an MTAdam step go (profiler)?
+optimizer state does each hold? Where does the time of an MTAdam step go (profiler)? How fast
+is the fused element-wise update (``lossbalance._fused``, one ``torch.compile`` region: Triton
+on CUDA) beside the multi-tensor one (issue 21: an eager step <= 4 ms on an H100)?
 
 Setting (issue 5): the PyTorch MNIST-example CNN, batch 64, I = 10 per-class terms
 L_i = (sum of the NLL of class-i samples) / B, random inputs, training mode (dropout on).
@@ -15,6 +17,7 @@ Run: ``python benchmarks/bench_mtadam_step.py [--device cuda] [--repeats 10]``.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +47,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import lossbalance
 import lossbalance._mtadam as mtadam_module
+from lossbalance import _fused
+
+# MTAdam(fused=...) once benchmarks/fused_integration.md is applied; until then the fused
+# update is timed on its own (fused_update_section)
+INTEGRATED = "fused" in inspect.signature(lossbalance.MTAdam).parameters
 
 
 def check_naive_matches(device: torch.device, steps: int = 3) -> float:
@@ -127,7 +135,7 @@ def train_step(kind: str, model: torch.nn.Module, x: Tensor, y: Tensor, k: int) 
 
     ``kind``: ``"adam"`` (``torch.optim.Adam`` on the summed loss), ``"adam-capturable"``
     (the same with ``capturable=True``, which a CUDA graph needs), ``"mtadam"``
-    (``lossbalance.MTAdam``, sync-free on CUDA).
+    (``lossbalance.MTAdam``, sync-free on CUDA), ``"mtadam-fused"`` (with ``fused=True``).
     """
     if kind.startswith("adam"):
         opt: torch.optim.Optimizer = torch.optim.Adam(
@@ -140,7 +148,8 @@ def train_step(kind: str, model: torch.nn.Module, x: Tensor, y: Tensor, k: int) 
             opt.step()
 
         return opt, adam
-    mt = lossbalance.MTAdam(model.parameters())
+    extra = {"fused": kind == "mtadam-fused"} if INTEGRATED else {}
+    mt = lossbalance.MTAdam(model.parameters(), **extra)
 
     def mtadam() -> None:
         mt.step(class_terms(model(x), y, k))
@@ -154,7 +163,8 @@ def graph_vs_eager(base: torch.nn.Module, x: Tensor, y: Tensor, k: int, kind: st
     warmup, steps = 3, 5
     x64 = x.double()
     eager = copy.deepcopy(base).double().eval()
-    _, step = train_step("adam" if kind == "adam-capturable" else kind, eager, x64, y, k)
+    eager_kind = "adam" if kind == "adam-capturable" else "mtadam" if "mtadam" in kind else kind
+    _, step = train_step(eager_kind, eager, x64, y, k)
     for _ in range(warmup + steps):
         step()
     graphed = copy.deepcopy(base).double().eval()
@@ -184,10 +194,13 @@ def cuda_graph_section(
     """Whole-step CUDA graphs of Adam (capturable) and MTAdam next to their eager steps."""
     fns = dict(eager)
     checks: list[list[str]] = []
-    for name, kind in (
+    kinds = [
         ("Adam (summed loss), CUDA graph, capturable=True", "adam-capturable"),
         ("lossbalance.MTAdam, CUDA graph", "mtadam"),
-    ):
+    ]
+    if INTEGRATED:
+        kinds.append(("lossbalance.MTAdam(fused=True), CUDA graph", "mtadam-fused"))
+    for name, kind in kinds:
         with rep.guard(f"{name}: capture"):
             model = copy.deepcopy(base)
             static_x, static_y = x.clone(), y.clone()
@@ -205,7 +218,11 @@ def cuda_graph_section(
             fns[name] = replay
         with rep.guard(f"{name}: check against eager"):
             diff = graph_vs_eager(base, x, y, k, kind)
-            ref = "torch.optim.Adam (capturable=False)" if kind != "mtadam" else "eager MTAdam"
+            ref = (
+                "torch.optim.Adam (capturable=False)"
+                if kind == "adam-capturable"
+                else "eager MTAdam"
+            )
             checks.append([name, ref, f"{diff:.1e}"])
     if checks:
         rep.add(
@@ -243,6 +260,192 @@ def cuda_graph_section(
             )
 
 
+def _update_inputs(base: torch.nn.Module, x: Tensor, y: Tensor, k: int) -> dict[str, Any]:
+    """The CNN's parameters, its I per-term gradient stacks of one batch and a zero MTAdam
+    state, as ``functional.mtadam`` takes them (plain tensors, not the model's)."""
+    model = copy.deepcopy(base)
+    params = list(model.parameters())
+    grads = lossbalance.term_grads(class_terms(model(x), y, k), params, mode="sequential")
+    return {
+        "params": [p.detach().clone() for p in params],
+        "grads": [g.detach().clone() for g in grads],
+        "exp_avgs": [torch.zeros_like(p) for p in params],
+        "exp_avg_sqs": [torch.zeros((k, *p.shape), device=p.device) for p in params],
+        "magnitudes": [torch.zeros(k, device=p.device) for p in params],
+        "steps": [torch.zeros((), device=p.device) for p in params],
+    }
+
+
+def _cloned(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {name: [t.clone() for t in ts] for name, ts in inputs.items()}
+
+
+HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, beta3=0.9, eps=1e-8)
+FUSED_OPTIONS = dict(
+    beta1=0.9,
+    beta2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    second_moment="max",
+    masked=True,
+)
+
+
+def _multi_tensor(inputs: dict[str, Any], **extra: Any) -> Tensor:
+    return mtadam_module.mtadam(
+        inputs["params"],
+        inputs["grads"],
+        inputs["exp_avgs"],
+        inputs["exp_avg_sqs"],
+        inputs["magnitudes"],
+        inputs["steps"],
+        masked=True,
+        **HYPER,
+        **extra,
+    )
+
+
+def _table(inputs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The per-tensor table ``functional.mtadam`` builds for this state (from a throwaway
+    copy, caught where its in-place path ``_scaled_moments`` receives it) and the flag."""
+    tables: list[Tensor] = []
+    original = mtadam_module._scaled_moments
+
+    def spy(ms: Any, vs: Any, gs: Any, masters: Any, tab: Tensor, *a: Any, **kw: Any) -> Any:
+        tables.append(tab.clone())
+        return original(ms, vs, gs, masters, tab, *a, **kw)
+
+    mtadam_module._scaled_moments = spy  # type: ignore[assignment]
+    try:
+        finite = _multi_tensor(_cloned(inputs))
+    finally:
+        mtadam_module._scaled_moments = original
+    (table,) = tables
+    return table, finite
+
+
+def _element_wise(inputs: dict[str, Any], table: Tensor, finite: Tensor, fn: Any) -> Any:
+    return fn(
+        inputs["params"],
+        inputs["grads"],
+        inputs["exp_avgs"],
+        inputs["exp_avg_sqs"],
+        inputs["magnitudes"],
+        inputs["steps"],
+        table,
+        finite,
+        **FUSED_OPTIONS,
+    )
+
+
+def device_kernels(fn: Callable[[], Any], device: torch.device) -> str:
+    """Device activities (kernels, copies, memsets) of one call, from torch.profiler."""
+    if device.type != "cuda":
+        return "n/a"
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    return str(sum(1 for e in prof.events() if e.device_type.name == "CUDA"))
+
+
+def fused_update_section(
+    rep: Report,
+    base: torch.nn.Module,
+    x: Tensor,
+    y: Tensor,
+    k: int,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+) -> None:
+    """The update alone, after the per-term gradients exist: ``functional.mtadam`` (the
+    multi-tensor path, sync-free as on CUDA) beside the fused element-wise update
+    (``_fused.fused_update``, compiled) and its eager reference, on the CNN's stacks."""
+    with rep.guard("fused update: compile and check"):
+        inputs = _update_inputs(base, x, y, k)
+        table, finite = _table(inputs)
+        compiled = _cloned(inputs)
+        sync = synchronizer(device)
+        sync()
+        start = now()
+        ran = _element_wise(compiled, table, finite, _fused.fused_update)
+        sync()
+        compile_s = now() - start
+        if not ran:
+            raise RuntimeError("fused_update could not compile here (see the warning above)")
+        # one update from the same state: the fused result against the multi-tensor one
+        multi = _cloned(inputs)
+        _multi_tensor(multi)
+        fused = _cloned(inputs)
+        _element_wise(fused, table, finite, _fused.fused_update)
+        moved = max(float((a - p).abs().max()) for a, p in zip(multi["params"], inputs["params"]))
+        diffs = {
+            name: max(float((a - b).abs().max()) for a, b in zip(multi[name], fused[name]))
+            for name in ("params", "exp_avgs", "exp_avg_sqs", "magnitudes", "steps")
+        }
+        rep.add(
+            f"Fused element-wise update (`lossbalance._fused.fused_update`, "
+            f"`torch.compile(fullgraph=True, dynamic=False)`, {_fused_backend(device)}): "
+            f"first call (compilation) {compile_s:.1f} s. One update from the same state, "
+            f"fused against `functional.mtadam`: max abs difference of the parameters "
+            f"{diffs['params']:.1e} (the update moved them by up to {moved:.1e}); first "
+            f"moments {diffs['exp_avgs']:.1e}, second moments {diffs['exp_avg_sqs']:.1e}, "
+            f"magnitudes {diffs['magnitudes']:.1e}, steps {diffs['steps']:.0e}.",
+            "",
+        )
+        if diffs["params"] > 1e-4 * max(moved, 1e-30) + 1e-7:
+            raise AssertionError(f"fused update disagrees with functional.mtadam ({diffs})")
+    with rep.guard("fused update timing"):
+        pristine = [g.clone() for g in inputs["grads"]]
+        runs = {name: _cloned(inputs) for name in ("multi", "fused", "reference", "integrated")}
+
+        def restore(g: list[Tensor]) -> None:
+            torch._foreach_copy_(g, pristine)
+
+        fns: dict[str, Callable[[], Any]] = {
+            # the in-place path scales the stacks: each run starts from the same gradients
+            "functional.mtadam, multi-tensor (+ restoring the stacks)": lambda: (
+                restore(runs["multi"]["grads"]),
+                _multi_tensor(runs["multi"]),
+            ),
+            "restoring the stacks alone (one _foreach_copy_)": lambda: restore(
+                runs["multi"]["grads"]
+            ),
+            "fused_update, element-wise part only (compiled)": lambda: _element_wise(
+                runs["fused"], table, finite, _fused.fused_update
+            ),
+            "update_reference, element-wise part only (eager)": lambda: _element_wise(
+                runs["reference"], table, finite, _fused.update_reference
+            ),
+        }
+        if "fused" in inspect.signature(mtadam_module.mtadam).parameters:
+            fns["functional.mtadam(fused=True), table + fused"] = lambda: _multi_tensor(
+                runs["integrated"], fused=True
+            )
+        kernels = {name: device_kernels(fn, device) for name, fn in fns.items()}
+        times = interleaved(fns, repeats, warmup, device)
+        unit = times["functional.mtadam, multi-tensor (+ restoring the stacks)"]
+        rows = [
+            [name, spread(ts), f"{ratio(ts, unit):.2f}", kernels[name]]
+            for name, ts in times.items()
+        ]
+        rep.add(
+            f"The update alone (the CNN's {len(pristine)} tensors, I = {k}, float32, "
+            f"sync-free/masked as on CUDA), {repeats} interleaved repetitions after {warmup} "
+            "warm-up rounds; 'x multi' is the median of the per-round ratios to the first row; "
+            "'device ops' counts the kernels, copies and memsets of one call (CUDA only). The "
+            "element-wise rows take the per-tensor table as given; the multi-tensor rows "
+            "compute it too (magnitudes, anchors, bias corrections: about 40 small ops).",
+            "",
+        )
+        rep.table(["update", "ms", "x multi", "device ops"], rows)
+
+
+def _fused_backend(device: torch.device) -> str:
+    return "Triton kernels" if device.type == "cuda" else "inductor's C++ kernels"
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
@@ -250,6 +453,11 @@ def main() -> None:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument(
         "--no-graphs", action="store_true", help="skip the CUDA-graph variants (CUDA only)"
+    )
+    p.add_argument(
+        "--no-fused",
+        action="store_true",
+        help="skip the fused-update section (it compiles with torch.compile first)",
     )
     args = p.parse_args()
     device = setup(args)
@@ -273,13 +481,15 @@ def main() -> None:
     base = MnistCNN().to(device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    models = {name: copy.deepcopy(base) for name in ("adam", "mtadam", "instr", "naive")}
+    models = {name: copy.deepcopy(base) for name in ("adam", "mtadam", "instr", "naive", "fused")}
     opts: dict[str, torch.optim.Optimizer] = {
         "adam": torch.optim.Adam(models["adam"].parameters()),
         "mtadam": lossbalance.MTAdam(models["mtadam"].parameters()),
         "instr": lossbalance.MTAdam(models["instr"].parameters()),
         "naive": NaiveMTAdam(models["naive"].parameters()),
     }
+    if INTEGRATED:
+        opts["fused"] = lossbalance.MTAdam(models["fused"].parameters(), fused=True)
     sync = synchronizer(device)
     parts: dict[str, list[float]] = {"forward": [], "term_grads": [], "update": []}
 
@@ -294,6 +504,9 @@ def main() -> None:
 
     def naive_step() -> None:
         opts["naive"].step(class_terms(models["naive"](x), y, k))
+
+    def fused_step() -> None:
+        opts["fused"].step(class_terms(models["fused"](x), y, k))
 
     original = mtadam_module.term_grads
     grads_time: list[float] = []
@@ -356,6 +569,8 @@ def main() -> None:
         "forward + I autograd.grad (no optimizer)": fwd_seq_grads,
         "one read-write pass over the (I, P) stack": one_pass,
     }
+    if INTEGRATED:
+        fns["lossbalance.MTAdam(fused=True)"] = fused_step
     n = num_params(base)
     with rep.guard("full-step timing"):
         times = interleaved(fns, repeats, warmup, device)
@@ -378,6 +593,14 @@ def main() -> None:
         )
         rep.table(["full step", "ms", "x Adam", "x Adam (min)"], rows)
         breakdown(rep, parts, times, k, n)
+        if INTEGRATED:
+            t = med(times["lossbalance.MTAdam(fused=True)"])
+            rep.add(
+                f"Issue-21 target, eager MTAdam step <= 4 ms (H100): fused {ms(t)} ms "
+                f"({'met' if t <= 4e-3 else 'missed'}), multi-tensor "
+                f"{ms(med(times['lossbalance.MTAdam']))} ms.",
+                "",
+            )
 
     with rep.guard("optimizer state and peak memory"):
         mem_rows = []
@@ -404,9 +627,13 @@ def main() -> None:
 
     with rep.guard("profiler"):
         profile_steps(rep, instrumented_step, sync, 1 if args.quick else args.profile_steps)
+    if not args.no_fused:
+        fused_update_section(rep, base, x, y, k, repeats, warmup, device)
     if device.type == "cuda" and not args.no_graphs:
         # last: a capture that fails badly can leave the device unusable for what follows
         eager = {"Adam (summed loss)": adam_step, "lossbalance.MTAdam": mtadam_step}
+        if INTEGRATED:
+            eager["lossbalance.MTAdam(fused=True)"] = fused_step
         cuda_graph_section(rep, base, x, y, k, eager, repeats, warmup, device)
     rep.write()
 
