@@ -21,6 +21,7 @@ import torch
 import lossbalance
 from lossbalance import LossBalanceWarning
 from lossbalance._encodec import EnCodecBalancer, encodec_weights
+from lossbalance._excess_mtl import ExcessMTL, excess_risks
 from lossbalance._famo import FAMO, famo_logit_grad
 from lossbalance._registry import create, get_method
 from lossbalance._rlw import RandomLossWeighting, rlw_weights
@@ -638,3 +639,110 @@ def test_encodec_state_dict_round_trip_continues_bit_identically():
         a = original.weights(g, torch.ones(3, dtype=F64))
         b = resumed.weights(g, torch.ones(3, dtype=F64))
         assert torch.equal(a, b)
+
+
+# --- ExcessMTL ------------------------------------------------------------------------
+
+
+def test_excess_mtl_matches_torchjd_excess_mtl_weighting():
+    from torchjd.aggregation._excess_mtl import ExcessMTLWeighting
+
+    gen = torch.Generator().manual_seed(10)
+    for warmup in (1, 3):
+        oracle = ExcessMTLWeighting(robust_step_size=0.5, n_warmup_steps=warmup)
+        balancer = ExcessMTL(3, step_size=0.5, warmup_steps=warmup)
+        scale = torch.tensor([[1.0], [3.0], [0.3]], dtype=F64)
+        for _ in range(10):
+            m = torch.randn(3, 20, dtype=F64, generator=gen) * scale
+            expected = oracle(m)
+            alpha = balancer.weights_from_grads(m)
+            # TorchJD adds 1e-7 to the baseline E(0) (of order 10 here)
+            torch.testing.assert_close(alpha, expected, rtol=1e-6, atol=0)
+
+
+def test_excess_mtl_is_not_a_function_of_the_gramian():
+    # M and M Q (Q orthogonal) have the same Gramian but different AdaGrad accumulators;
+    # at the first call E_i = sum_j |g_ij| (up to eps), the L1 norm, which Q changes
+    gen = torch.Generator().manual_seed(11)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=F64, generator=gen))
+    m = torch.randn(2, 6, dtype=F64, generator=gen)
+    torch.testing.assert_close(m @ m.T, (m @ q) @ (m @ q).T)
+    torch.testing.assert_close(excess_risks(m, m * m, eps=0.0), m.abs().sum(1))
+    a, b = ExcessMTL(2), ExcessMTL(2)
+    for _ in range(4):
+        m = torch.randn(2, 6, dtype=F64, generator=gen)
+        wa, wb = a.weights_from_grads(m), b.weights_from_grads(m @ q)
+    assert float((wa - wb).abs().max()) > 1e-2
+
+
+def test_excess_mtl_weights_are_on_the_simplex_and_scale_invariant():
+    gen = torch.Generator().manual_seed(12)
+    plain, scaled = ExcessMTL(3, warmup_steps=2), ExcessMTL(3, warmup_steps=2)
+    # scales >= 1: the eps = 1e-7 under AdaGrad's square root breaks the invariance for
+    # gradients of order sqrt(eps)
+    s = torch.tensor([[1.0], [1e3], [10.0]], dtype=F64)
+    for step in range(8):
+        m = torch.randn(3, 10, dtype=F64, generator=gen)
+        m[2] *= 1 + step  # term 2's gradients grow: its excess risk ratio rises
+        wa, wb = plain.weights_from_grads(m), scaled.weights_from_grads(m * s)
+        torch.testing.assert_close(wa.sum(), torch.tensor(1.0, dtype=F64))
+        assert bool((wa > 0).all())
+        if step < 2:
+            torch.testing.assert_close(wa, torch.full((3,), 1 / 3, dtype=F64))
+        torch.testing.assert_close(wa, wb, rtol=1e-5, atol=0)
+    assert int(wa.argmax()) == 2
+
+
+def test_excess_mtl_on_a_model_with_term_grads_and_through_backward():
+    torch.manual_seed(3)
+    trunk = torch.nn.Linear(3, 4).to(F64)
+    heads = [torch.nn.Linear(4, 1).to(F64) for _ in range(2)]
+    balancer = ExcessMTL(2)
+    for _ in range(3):
+        z = trunk(torch.randn(8, 3, dtype=F64))
+        losses = [heads[0](z).pow(2).mean(), (heads[1](z) - 1).abs().mean()]
+        stacks = lossbalance.term_grads(losses, list(trunk.parameters()), retain_graph=True)
+        flat = torch.cat([g.reshape(2, -1) for g in stacks], 1)
+        reference = ExcessMTL(2)
+        reference.load_state_dict(balancer.state_dict())
+        alpha = balancer.weights_from_grads(stacks)  # the stacks as term_grads gives them
+        torch.testing.assert_close(alpha, reference.weights_from_grads(flat), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="needs the per-term gradients themselves"):
+        lossbalance.backward(losses, balancer, shared=trunk)
+
+
+def test_excess_mtl_state_dict_round_trip_continues_bit_identically():
+    gen = torch.Generator().manual_seed(13)
+    grads = [torch.randn(3, 7, dtype=F64, generator=gen) for _ in range(7)]
+    original = ExcessMTL(3, step_size=0.3, warmup_steps=2)
+    for m in grads[:3]:
+        original.weights_from_grads(m)
+    resumed = ExcessMTL(3, step_size=0.3, warmup_steps=2)
+    resumed.load_state_dict(copy.deepcopy(original.state_dict()))
+    for m in grads[3:]:
+        assert torch.equal(original.weights_from_grads(m), resumed.weights_from_grads(m))
+
+
+def test_excess_mtl_degenerate_inputs():
+    with pytest.raises(ValueError, match=r"Invalid step_size: 0 \(expected step_size > 0\)"):
+        ExcessMTL(2, step_size=0)
+    with pytest.raises(ValueError, match=r"Invalid warmup_steps: 0 \(expected an integer >= 1\)"):
+        ExcessMTL(2, warmup_steps=0)
+    balancer = ExcessMTL(2)
+    zero_first = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=F64)
+    with pytest.warns(LossBalanceWarning, match="had no gradient during the warm-up"):
+        balancer.weights_from_grads(zero_first)
+    alpha = balancer.weights_from_grads(torch.ones(2, 2, dtype=F64))
+    assert bool(torch.isfinite(alpha).all()) and float(alpha[0]) > 0.99
+    before = balancer.task_weights.clone()
+    with pytest.warns(LossBalanceWarning, match="non-finite per-term gradients"):
+        again = balancer.weights_from_grads(torch.full((2, 2), math.nan, dtype=F64))
+    assert torch.equal(again, before)
+    with pytest.raises(ValueError, match=r"expected \(2, 2\) as at its previous calls"):
+        balancer.weights_from_grads(torch.ones(2, 3, dtype=F64))
+    with pytest.raises(ValueError, match="expects per-term gradients with 2 rows"):
+        balancer.weights_from_grads(torch.ones(3, 2, dtype=F64))
+    with pytest.warns(LossBalanceWarning, match="num_terms=1 has nothing to balance"):
+        one = ExcessMTL(1)
+    for _ in range(3):
+        assert torch.equal(one.weights_from_grads(torch.ones(1, 4)), torch.ones(1, dtype=F64))
