@@ -1,14 +1,14 @@
-"""MTAdam in a PyTorch Lightning module (manual optimization).
+"""MTAdam in a PyTorch Lightning module: ``training_step`` returns the loss terms.
 
     pip install lightning        # or: pip install -e ".[lightning]"
     python examples/lightning_mtadam.py --max-steps 200
 
-MTAdam computes the per-term gradients itself, so the module turns automatic
-optimization off and hands the loss terms to the optimizer: Lightning's
-``LightningOptimizer.step(closure=...)`` calls ``MTAdam.step(closure=...)``, whose closure
-returns the terms (no ``manual_backward``). Going through ``self.optimizers()`` keeps
-Lightning's step counter (``max_steps``) and its strategies working: under
-``Trainer(strategy="ddp")`` MTAdam averages the per-term gradients over the ranks itself.
+``lossbalance.lightning.MultiTermModule`` is a ``LightningModule`` whose ``training_step``
+may return the terms (anchor first). In automatic optimization its ``backward`` hook
+passes them to ``MTAdam.accumulate`` (divided by ``accumulate_grad_batches``) and
+Lightning's ``optimizer.step(closure)`` applies the update, so Lightning's step counter,
+callbacks and gradient accumulation work as usual. In manual optimization
+(``self.automatic_optimization = False``), call ``self.optimizers().step(losses)``.
 """
 
 from __future__ import annotations
@@ -21,27 +21,28 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lossbalance
+from lossbalance.lightning import MultiTermModule
 
 
-class MTAdamModule(L.LightningModule):
+class MTAdamModule(MultiTermModule):
     """A regressor trained on two terms of very different scales, balanced by MTAdam."""
 
     def __init__(self, lr: float = 1e-2) -> None:
         super().__init__()
-        self.automatic_optimization = False
         self.lr = lr
         self.model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> list[torch.Tensor]:
         x, y = batch
         out = self.model(x)
         losses = [
             (out[:, 0] - y[:, 0]).pow(2).mean(),  # term 0: the anchor
             1000.0 * (out[:, 1] - y[:, 1]).abs().mean(),  # any scale: MTAdam rescales it
         ]
-        opt = self.optimizers()
-        opt.step(closure=lambda: losses)  # per-term gradients and the update, in one call
         self.log_dict({f"loss/{i}": loss.detach() for i, loss in enumerate(losses)})
+        return losses  # MTAdam computes the per-term gradients: no backward here
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return lossbalance.MTAdam(self.parameters(), lr=self.lr)

@@ -62,10 +62,13 @@ def test_lightning_mtadam_example_trains():
     assert opt.skipped_steps == 0
 
 
-@pytest.mark.parametrize("method", ["imtl", "gradnorm", "uncertainty"])
-def test_lightning_balancer_example_trains(method):
+@pytest.mark.parametrize(
+    ("method", "manual"),
+    [("imtl", False), ("gradnorm", False), ("uncertainty", False), ("imtl", True)],
+)
+def test_lightning_balancer_example_trains(method, manual):
     example = load("lightning_balancer")
-    module, data = example.build(method)
+    module, data = example.build(method, manual)
     before = [p.detach().clone() for p in module.trunk.parameters()]
     trainer = fit(module, data)
     assert trainer.global_step == 3
