@@ -84,7 +84,8 @@ def term_grads(
     (:func:`lossbalance._vjp.choose_mode`) and a vectorised mode is chosen only if it is
     more than ``AUTO_MARGIN`` (5%) faster than sequential (the leanest in memory); that
     call returns the chosen mode's gradients, and later calls with the key run the cached
-    mode once. The key holds shapes rather than tensor identities, so copies of one model
+    mode once. That first call's peak memory is the most demanding mode's own plus one set
+    of K gradients (one candidate's result is kept while another runs). The key holds shapes rather than tensor identities, so copies of one model
     (and seeded reruns in one process) use the same mode and give bit-identical results;
     another process may time differently and round differently. Nothing is timed, and
     sequential is used, under ``torch.use_deterministic_algorithms(True)`` and while a
@@ -92,8 +93,9 @@ def term_grads(
     ``lossbalance._vjp.clear_choices()`` forgets the choices.
 
     Returns:
-        One entry per parameter: a ``(K, *p.shape)`` tensor, or ``None`` if no loss
-        reaches ``p``.
+        One entry per parameter: a contiguous ``(K, *p.shape)`` tensor in every mode,
+        whatever the layout of ``p`` (``channels_last``, a transposed or strided view), or
+        ``None`` if no loss reaches ``p``.
 
     Example:
         >>> import torch, lossbalance
@@ -198,7 +200,7 @@ def _two_stage(
         out = _sequential(losses, params, len(params), retain_graph)
         warn_once(
             "engine-two-stage-fallback",
-            f"two-stage per-term gradients failed ({type(err).__name__}: {err}); "
+            f"two-stage per-term gradients failed ({error_line(err)}); "
             "fell back to K sequential backward passes",
         )
         return out
@@ -283,7 +285,13 @@ def resolve_mode(mode: str, features: object) -> str:
 
 
 def as_features(features: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
-    """Validate the shared representation(s) z: tensors that require grad."""
+    """Validate the shared representation(s) z: tensors that require grad.
+
+    The same tensor passed twice is kept once (it would enter the Gramian and the trunk
+    pass twice, doubling the trunk's gradient). A feature that lies on the autograd path of
+    another (``[pre, tanh(pre)]``, ``[z, z.view(...)]``) raises ``ValueError``: the
+    gradient of the inner one already contains what flows through the outer one.
+    """
     if features is None:  # pragma: no cover - resolve_mode rejects it first
         raise ValueError("features is None")
     items = [features] if isinstance(features, Tensor) else list(features)
@@ -297,7 +305,63 @@ def as_features(features: Tensor | Sequence[Tensor] | None) -> list[Tensor]:
                 f"features[{i}] (shape {tuple(z.shape)}) does not require grad: pass the "
                 "trunk's output itself, not a detached copy"
             )
-    return items
+    first: dict[int, int] = {}
+    for i, z in enumerate(items):
+        first.setdefault(id(z), i)
+    index = list(first.values())
+    if len(index) > 1:
+        _check_not_nested([items[i] for i in index], index)
+    return [items[i] for i in index]
+
+
+def _check_not_nested(features: Sequence[Tensor], index: Sequence[int]) -> None:
+    """Raise if one feature is reached by walking the graph down from another.
+
+    One walk from all the features at once: each node carries the set (a bit mask) of
+    features above it and is revisited only when that set grows, so the cost is one walk
+    of the graph below the features (as ``reachable_leaves``) for the usual few features.
+    """
+    edges: dict[tuple[object, int], int] = {}
+    leaves: dict[int, int] = {}
+    masks: dict[object, int] = {}
+    todo: list[tuple[object, int]] = []
+    for n, z in enumerate(features):
+        if z.grad_fn is None:
+            leaves[id(z)] = n
+        else:
+            edges[(z.grad_fn, z.output_nr)] = n
+            todo.append((z.grad_fn, 1 << n))
+    while todo:
+        node, mask = todo.pop()
+        new = mask & ~masks.get(node, 0)
+        if not new:
+            continue
+        masks[node] = masks.get(node, 0) | new
+        leaf = getattr(node, "variable", None)
+        if isinstance(leaf, Tensor):
+            inner = leaves.get(id(leaf))
+            if inner is not None and new & ~(1 << inner):
+                _raise_nested(index, inner, new & ~(1 << inner))
+            continue
+        for edge in node.next_functions:  # type: ignore[attr-defined]
+            if edge[0] is None:
+                continue
+            inner = edges.get(edge)
+            if inner is not None and new & ~(1 << inner):
+                _raise_nested(index, inner, new & ~(1 << inner))
+            todo.append((edge[0], new))
+
+
+def _raise_nested(index: Sequence[int], inner: int, outer_mask: int) -> None:
+    outer = (outer_mask & -outer_mask).bit_length() - 1
+    i, j = index[inner], index[outer]
+    raise ValueError(
+        f"features[{i}] lies on the autograd path of features[{j}] (features[{j}] is "
+        f"computed from features[{i}]): the gradient of features[{i}] already contains "
+        f"what flows through features[{j}], so the trunk would receive that part twice. "
+        "Pass only representations that do not depend on one another (e.g. the outputs "
+        "the heads take as input)"
+    )
 
 
 def _acc_device(t: Tensor) -> torch.device:
@@ -344,6 +408,17 @@ def reachable_leaves(roots: Sequence[Tensor], stop: Sequence[Tensor] = ()) -> li
     return list(found.values())
 
 
+def error_line(err: BaseException) -> str:
+    """``"Type: first line"`` of an exception, for a fallback warning.
+
+    torch's messages can carry the C++ stack after the first line (``Exception raised from
+    ... (most recent call first):`` and one ``frame #`` line per frame); a warning that
+    the engine recovered needs the cause, not the frames.
+    """
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def _check_dense(g: Tensor, index: int) -> None:
     if g.is_sparse:
         raise TypeError(
@@ -378,7 +453,7 @@ def _per_term(
             grads = _sequential(losses, params, num_stacked, retain_graph, sum_weights, out)
             warn_once(
                 "engine-batched-fallback",
-                f"batched per-term gradients failed ({type(err).__name__}: {err}); "
+                f"batched per-term gradients failed ({error_line(err)}); "
                 "fell back to K sequential backward passes",
             )
             return grads
@@ -476,6 +551,10 @@ def _batched(
             _check_dense(g, j)
             if j >= num_stacked:
                 g = g.sum(0) if sum_weights is None else _combine(sum_weights, g)
+            else:
+                # under vmap the rows keep the parameter's layout (channels_last, a
+                # transposed view): the stacks are made contiguous like the sequential ones
+                g = g.contiguous()
         out.append(g)
     return out
 
@@ -534,7 +613,7 @@ def exact_or_gramian_terms(
             warn_once(
                 "engine-gramian-fallback",
                 "mode='gramian' needs double backward, which this model does not support "
-                f"({type(err).__name__}: {err}); fell back to mode='exact' (K gradient copies)",
+                f"({error_line(err)}); fell back to mode='exact' (K gradient copies)",
             )
             return step
     return _exact(

@@ -1,9 +1,12 @@
 """Exact per-term gradients computed several ways, and a timing-based chooser among them.
 
 Every function here returns what :func:`lossbalance.term_grads` returns: one entry per
-parameter, a ``(K, *p.shape)`` tensor whose row i is ``dL_i/dp`` (zeros where term i does
-not reach ``p`` but another term does), or ``None`` where no term reaches ``p``. All of
-them are exact; they differ only in how the K vector-Jacobian products are scheduled.
+parameter, a contiguous ``(K, *p.shape)`` tensor whose row i is ``dL_i/dp`` (zeros where
+term i does not reach ``p`` but another term does), or ``None`` where no term reaches
+``p``. All of them are exact; they differ only in how the K vector-Jacobian products are
+scheduled. The stacks are contiguous whatever the layout of ``p`` (``channels_last``, a
+transposed or strided view): under ``vmap`` the rows keep that layout, and the vectorised
+modes copy them into the default one, as the sequential mode writes them.
 
 - ``"sequential"``: K ``torch.autograd.grad`` calls (the engine's own path, reused here).
   Pass i only traverses what L_i depends on. Peak memory: one gradient set at a time on
@@ -46,7 +49,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge
 from torch.func import functional_call, vjp, vmap
 
-from lossbalance._engine import reachable_leaves, term_grads
+from lossbalance._engine import error_line, reachable_leaves, term_grads
 from lossbalance._validation import check_choice, warn_once
 
 __all__ = [
@@ -197,8 +200,9 @@ def two_stage_term_grads(
     with torch.enable_grad():
         first = _stage1(items, [*outs, *bypass], stage1, trunk_needed=bool(trunk))
     cots = first[: len(outs)]
+    position = {id(p): j for j, p in enumerate(params)}
     result: dict[int, Tensor | None] = {
-        id(p): g for p, g in zip(bypass, first[len(outs) :], strict=True)
+        id(p): _dense(g, position[id(p)]) for p, g in zip(bypass, first[len(outs) :], strict=True)
     }
     reached = [(y, c) for y, c in zip(outs, cots, strict=True) if c is not None]
     if trunk and reached:
@@ -211,8 +215,8 @@ def two_stage_term_grads(
             allow_unused=True,
             is_grads_batched=True,
         )
-        for j, (p, g) in enumerate(zip(trunk, grads, strict=True)):
-            result[id(p)] = _dense(g, j)
+        for p, g in zip(trunk, grads, strict=True):
+            result[id(p)] = _dense(g, position[id(p)])
     return [result.get(id(p)) for p in params]
 
 
@@ -376,6 +380,13 @@ def choose_mode(
     once-only warning. Later calls with the same key run the cached mode once. With one
     term (K = 1) nothing is timed: ``"sequential"`` is a single backward pass.
 
+    Memory: besides the run in progress, one result is alive: the reference while the
+    first repetition checks the others against it, then the latest result of the fastest
+    mode so far, which is the winner's own result at the end (no extra run, except with
+    ``repeats=1`` and ``check``, or when that mode fails in a later repetition). The peak
+    is the most demanding candidate's own peak plus one set of K gradients, whatever the
+    number of candidates.
+
     Args:
         losses: K scalar tensors.
         params: the tensors to differentiate with respect to.
@@ -428,11 +439,17 @@ def choose_mode(
     alive = list(dict.fromkeys(candidates))
     first = alive[0]
     times: dict[str, float] = {}
-    reference: tuple[str, list[Tensor | None]] | None = None
-    # the latest gradients of the first candidate and of the fastest other one, so that the
-    # winner's result of this step is at hand without another run
-    latest: dict[str, list[Tensor | None]] = {}
+    # Memory: besides the run in progress, one result is held (a run allocates its own
+    # result, then the held one is replaced or the new one dropped): while the first
+    # repetition checks the candidates, the reference; after that, the provisional
+    # winner's latest result. The winner's last run is then always the held one (its time
+    # is final once it ran in the last repetition and every later time can only fall), so
+    # nothing is run again, except with ``repeats=1`` and ``check`` (the reference is held
+    # to the end) or when the held mode fails later.
+    held: tuple[str, list[Tensor | None]] | None = None
+    reference: str | None = None
     for rep in range(repeats):
+        checking = check and rep == 0
         for mode in list(alive):
             sync()
             start = time.perf_counter()
@@ -445,46 +462,52 @@ def choose_mode(
             except (RuntimeError, NotImplementedError) as err:
                 alive.remove(mode)
                 times.pop(mode, None)
-                latest.pop(mode, None)
+                if held is not None and held[0] == mode:
+                    held = None
                 if warn:
                     warn_once(
                         f"vjp-choose-{mode}-failed",
-                        f"per-term gradient mode {mode!r} failed ({type(err).__name__}: "
-                        f"{err}); it is not a candidate for this model",
+                        f"per-term gradient mode {mode!r} failed ({error_line(err)}); it is "
+                        "not a candidate for this model",
                     )
                 continue
             elapsed = time.perf_counter() - start
-            if rep == 0 and check:
-                if reference is None:
-                    reference = (mode, grads)
-                elif not _agree(reference[1], grads):
+            if checking:
+                if held is None:
+                    reference = mode
+                    held = (mode, grads)
+                elif not _agree(held[1], grads):
                     alive.remove(mode)
                     if warn:
                         warn_once(
                             f"vjp-choose-{mode}-mismatch",
-                            f"per-term gradient mode {mode!r} disagrees with {reference[0]!r} "
+                            f"per-term gradient mode {mode!r} disagrees with {reference!r} "
                             "on this model; it is not a candidate",
                         )
+                    del grads
                     continue
             times[mode] = min(times.get(mode, float("inf")), elapsed)
-            latest[mode] = grads
-            others = [m for m in latest if m != first]
-            if len(others) > 1:
-                keep = min(others, key=times.__getitem__)
-                for m in others:
-                    if m != keep:
-                        del latest[m]
+            if not checking and _pick(times, first, margin) == mode:
+                held = (mode, grads)
             del grads
     if not times:
         raise RuntimeError("every per-term gradient mode failed on this model")
+    winner = _pick(times, first, margin)
+    if held is not None and held[0] == winner:
+        result = held[1]
+    else:
+        held = None  # freed before the winner runs again
+        result = vjp_term_grads(items, params, winner, outputs=outputs, retain_graph=True)
+    _CHOICES[key] = (winner, dict(times))
+    return Choice(winner, result, times, cached=False, key=key)
+
+
+def _pick(times: Mapping[str, float], first: str, margin: float) -> str:
+    """The fastest mode, unless it is not faster than ``first`` by ``margin``."""
     winner = min(times, key=times.__getitem__)
     if first in times and winner != first and times[winner] > (1.0 - margin) * times[first]:
         winner = first  # not faster by the margin: keep the leaner first candidate
-    result = latest.get(winner)
-    if result is None:
-        result = vjp_term_grads(items, params, winner, outputs=outputs)
-    _CHOICES[key] = (winner, dict(times))
-    return Choice(winner, result, times, cached=False, key=key)
+    return winner
 
 
 # --------------------------------------------------------------------------- graph split
@@ -670,12 +693,20 @@ def _stage1(
 
 
 def _dense(g: Tensor | None, index: int) -> Tensor | None:
-    if g is not None and g.is_sparse:
+    """A checked per-term stack in the default (contiguous) layout.
+
+    Under ``vmap`` each row comes out in the layout of the parameter or of its gradient
+    (``channels_last``, a transposed or strided view), so the stack is not contiguous;
+    the sequential mode's stacks are, and consumers view them flat (``(K, -1)``).
+    """
+    if g is None:
+        return None
+    if g.is_sparse:
         raise TypeError(
             f"parameter {index} received a sparse gradient; per-term balancing needs dense "
             "gradients (use sparse=False in nn.Embedding)"
         )
-    return g
+    return g.contiguous()
 
 
 def _agree(ref: list[Tensor | None], other: list[Tensor | None]) -> bool:
@@ -691,11 +722,17 @@ def _agree(ref: list[Tensor | None], other: list[Tensor | None]) -> bool:
             continue
         if a.shape != b.shape:
             return False
+        if not a.numel():
+            continue  # a parameter with a zero-size dimension: nothing to compare
         # summation order differs between the modes: compare relative to the largest entry
         tol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(a.dtype, 3e-2)
-        scale = a.abs().amax().clamp_min(torch.finfo(a.dtype).tiny)
-        if bool((a - b).abs().amax() > tol * scale):
-            return False
+        low, high = torch.aminmax(a)
+        scale = torch.maximum(low.abs(), high.abs()).clamp_min(torch.finfo(a.dtype).tiny)
+        # one term's row at a time: the difference of a whole stack would be a third
+        # gradient set alive next to the two being compared
+        for row_a, row_b in zip(a, b, strict=True):
+            if bool((row_a - row_b).abs_().amax() > tol * scale):
+                return False
     return True
 
 
