@@ -85,8 +85,9 @@ def term_grads(
     more than ``AUTO_MARGIN`` (5%) faster than sequential (the leanest in memory); that
     call returns the chosen mode's gradients, and later calls with the key run the cached
     mode once. That first call's peak memory is the most demanding mode's own plus one set
-    of K gradients (one candidate's result is kept while another runs). The key holds shapes rather than tensor identities, so copies of one model
-    (and seeded reruns in one process) use the same mode and give bit-identical results;
+    of K gradients (one candidate's result is kept while another runs). The key holds
+    shapes rather than tensor identities, so copies of one model (and seeded reruns in one
+    process) use the same mode and give bit-identical results;
     another process may time differently and round differently. Nothing is timed, and
     sequential is used, under ``torch.use_deterministic_algorithms(True)`` and while a
     CUDA graph is being captured without a cached choice.
