@@ -356,3 +356,69 @@ def test_imtl_fallback_option_is_validated_and_shown(cls: type) -> None:
     assert float((alpha @ g).norm()) > 0.1 * float(g.norm(dim=1).min())
     with pytest.raises(ValueError, match="Invalid fallback"):
         lossbalance.functional.imtl_g_weights_from_gramian(g @ g.T, fallback="bogus")
+
+
+# ----------------------------------------------------------------------------------------
+# Features that repeat or contain one another
+# ----------------------------------------------------------------------------------------
+
+
+def _feature_model(k: int = 2) -> tuple[torch.nn.Module, torch.nn.ModuleList, torch.Tensor]:
+    torch.manual_seed(1)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 6, dtype=F64), torch.nn.Tanh())
+    heads = torch.nn.ModuleList(torch.nn.Linear(6, 1, dtype=F64) for _ in range(k))
+    return trunk, heads, torch.randn(10, 4, dtype=F64)
+
+
+def _trunk_grads_with(features_of, balancer_cls, accumulate: bool = False):
+    trunk, heads, x = _feature_model()
+    z = trunk(x)
+    losses = [heads[0](z).pow(2).mean(), (heads[1](z) - 1).abs().mean()]
+    balancer = balancer_cls(2)
+    if accumulate:
+        acc = lossbalance.Accumulator(balancer, shared=trunk)
+        acc.accumulate(losses, features=features_of(z))
+        alpha = acc.backward()
+    else:
+        alpha = lossbalance.backward(losses, balancer, shared=trunk, features=features_of(z))
+    return alpha, [p.grad.clone() for p in trunk.parameters()]
+
+
+@pytest.mark.parametrize("balancer_cls", [lossbalance.IMTLG, MGDA, lossbalance.PCGrad])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_duplicate_features_count_once(balancer_cls: type, accumulate: bool) -> None:
+    alpha, grads = _trunk_grads_with(lambda z: z, balancer_cls, accumulate)
+    alpha2, grads2 = _trunk_grads_with(lambda z: [z, z], balancer_cls, accumulate)
+    torch.testing.assert_close(alpha2, alpha)
+    for g, g2 in zip(grads, grads2, strict=True):
+        torch.testing.assert_close(g2, g)  # was twice g
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_nested_features_raise_and_write_nothing(accumulate: bool) -> None:
+    trunk, heads, x = _feature_model()
+    pre = trunk[0](x)
+    z = trunk[1](pre)
+    losses = [heads[0](z).pow(2).mean(), heads[1](pre).abs().mean()]
+    match = r"features\[1\] lies on the autograd path of features\[0\]"
+    with pytest.raises(ValueError, match=match):
+        if accumulate:
+            acc = lossbalance.Accumulator(lossbalance.IMTLG(2), shared=trunk)
+            acc.accumulate(losses, features=[z, pre])
+        else:
+            lossbalance.backward(losses, lossbalance.IMTLG(2), shared=trunk, features=[z, pre])
+    assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
+    for features, inner, outer in (([pre, z], 0, 1), ([z, z, z.view(-1)], 0, 2)):
+        match = rf"features\[{inner}\] lies on the autograd path of features\[{outer}\]"
+        with pytest.raises(ValueError, match=match):
+            lossbalance.backward(losses, lossbalance.IMTLG(2), shared=trunk, features=features)
+
+
+def test_outputs_of_one_operation_are_not_nested() -> None:
+    trunk, heads, x = _feature_model()
+    z = trunk(x)
+    left, right = z.chunk(2, dim=1)
+    heads = torch.nn.ModuleList(torch.nn.Linear(3, 1, dtype=F64) for _ in range(2))
+    losses = [heads[0](left).pow(2).mean(), heads[1](right).pow(2).mean()]
+    alpha = lossbalance.backward(losses, lossbalance.IMTLG(2), shared=trunk, features=[left, right])
+    assert torch.isfinite(alpha).all()
