@@ -135,7 +135,7 @@ def _cagrad(gram: Tensor, c: float, rescale: str, method: str) -> Tensor:
         return to_weights(u / divisor, gram)
     w = w_lo
     t = t_lo
-    previous: Array | None = None
+    previous: np.ndarray | None = None
     for _ in range(_BISECTIONS):
         t = math.sqrt(t_lo * t_hi)
         value, w = excess(t)

@@ -205,8 +205,12 @@ def fairgrad_weights(matrix: Tensor, alpha: float = 2.0, *, max_norm: float = 0.
 
     Degenerate cases warn once and stay finite: a zero gradient gets w_i = 0 (it cannot
     improve); when the origin is in the convex hull of the gradients (a Pareto-stationary
-    point, e.g. two opposite gradients) there is no solution and the weights are zero.
-    K = 1 gives :math:`w = \|g\|^{-2\alpha/(\alpha+1)}`.
+    point, e.g. two opposite gradients) there is no solution and the weights are zero;
+    when it is nearly in the hull the weights are large and set by rounding (warned).
+    For large alpha (hundreds) the weight of a term whose gain exceeds the others' is
+    :math:`\text{gain}^{-\alpha}`, which can fall below the float64 range: the solve then
+    warns that the weights are approximate. K = 1 gives
+    :math:`w = \|g\|^{-2\alpha/(\alpha+1)}`.
 
     Example:
         >>> import torch

@@ -126,8 +126,12 @@ class NashMTL(GradientBalancer):
         if int(self.step) % self.update_weights_every == 0:
             solved = solve_fair(gramian, 1.0, "nash-mtl")
             self.alpha.copy_(torch.from_numpy(solved))
+        else:
+            # The buffer follows the module's dtype (``.to(dtype)``); solved weights are
+            # used at full precision on the step that solves them.
+            solved = self.alpha.detach().to("cpu", torch.float64).numpy().copy()
         self.step += 1
-        alpha = clip_weights(self.alpha.detach().cpu().numpy().copy(), _raw(gramian), self.max_norm)
+        alpha = clip_weights(solved, _raw(gramian), self.max_norm)
         return self._record(to_weights(alpha, gramian))
 
     def extra_repr(self) -> str:
