@@ -23,6 +23,7 @@ from lossbalance import LossBalanceWarning
 from lossbalance._encodec import EnCodecBalancer, encodec_weights
 from lossbalance._excess_mtl import ExcessMTL, excess_risks
 from lossbalance._famo import FAMO, famo_logit_grad
+from lossbalance._metabalance import MetaBalance
 from lossbalance._registry import create, get_method
 from lossbalance._rlw import RandomLossWeighting, rlw_weights
 from lossbalance._stch import STCH, stch_loss
@@ -746,3 +747,143 @@ def test_excess_mtl_degenerate_inputs():
         one = ExcessMTL(1)
     for _ in range(3):
         assert torch.equal(one.weights_from_grads(torch.ones(1, 4)), torch.ones(1, dtype=F64))
+
+
+# --- MetaBalance ----------------------------------------------------------------------
+
+
+def _metabalance_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    trunk = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    heads = torch.nn.ModuleList([torch.nn.Linear(4, 1) for _ in range(3)])
+    return trunk.to(F64), heads.to(F64), torch.randn(12, 3, dtype=F64)
+
+
+def _metabalance_losses(trunk, heads, x, scale=(1.0, 1.0, 1.0)):
+    z = trunk(x)
+    return [
+        scale[0] * heads[0](z).pow(2).mean(),
+        scale[1] * (heads[1](z) - 1).abs().mean(),
+        scale[2] * torch.nn.functional.softplus(heads[2](z)).mean(),
+    ]
+
+
+class _MetaBalanceReference:
+    """The authors' algorithm: one backward per term, per-tensor norm averages from 0."""
+
+    def __init__(self, params, k, relax, beta):
+        self.params, self.relax, self.beta = list(params), relax, beta
+        self.m = [[0.0] * len(self.params) for _ in range(k)]
+
+    def backward(self, losses, heads):
+        total = [torch.zeros_like(p) for p in self.params]
+        for i, loss in enumerate(losses):
+            grads = torch.autograd.grad(loss, self.params, retain_graph=True)
+            for j, g in enumerate(grads):
+                self.m[i][j] = self.beta * self.m[i][j] + (1 - self.beta) * float(g.norm())
+                c = 1.0 if i == 0 else self.relax * self.m[0][j] / self.m[i][j] + 1 - self.relax
+                total[j] += c * g
+        for p, g in zip(self.params, total, strict=True):
+            p.grad = g
+        head_params = [p for h in heads for p in h.parameters()]
+        for p, g in zip(head_params, torch.autograd.grad(sum(losses), head_params), strict=True):
+            p.grad = g
+
+
+@pytest.mark.parametrize(("relax", "beta"), [(0.7, 0.9), (1.0, 0.0), (0.3, 0.5)])
+def test_metabalance_matches_the_authors_algorithm(relax, beta):
+    trunk, heads, x = _metabalance_problem()
+    twin, twin_heads = copy.deepcopy(trunk), copy.deepcopy(heads)
+    balancer = MetaBalance(3, relax_factor=relax, beta=beta)
+    reference = _MetaBalanceReference(twin.parameters(), 3, relax, beta)
+    opt = torch.optim.SGD([*trunk.parameters(), *heads.parameters()], lr=0.05)
+    ref_opt = torch.optim.SGD([*twin.parameters(), *twin_heads.parameters()], lr=0.05)
+    for _ in range(4):
+        opt.zero_grad()
+        balancer.backward(_metabalance_losses(trunk, heads, x), trunk)
+        ref_opt.zero_grad()
+        reference.backward(_metabalance_losses(twin, twin_heads, x), twin_heads)
+        for p, q in zip(
+            [*trunk.parameters(), *heads.parameters()],
+            [*twin.parameters(), *twin_heads.parameters()],
+            strict=True,
+        ):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15)
+        opt.step()
+        ref_opt.step()
+
+
+def test_metabalance_full_relaxation_gives_every_term_the_target_magnitude_per_layer():
+    trunk, heads, x = _metabalance_problem(1)
+    balancer = MetaBalance(3, relax_factor=1.0, beta=0.0)
+    scale = (1.0, 1e4, 1e-3)
+    losses = _metabalance_losses(trunk, heads, x, scale)
+    stacks = lossbalance.term_grads(losses, list(trunk.parameters()), retain_graph=True)
+    balancer.backward(losses, trunk)
+    c = balancer.last_coefficients
+    assert c is not None
+    for j, s in enumerate(stacks):
+        contributions = (c[:, j].reshape(3, *[1] * (s.dim() - 1)) * s).reshape(3, -1).norm(dim=1)
+        torch.testing.assert_close(contributions, contributions[:1].expand(3), rtol=1e-12, atol=0)
+    # so the written gradient does not depend on the auxiliary losses' scales
+    grads = [p.grad.clone() for p in trunk.parameters()]
+    trunk.zero_grad()
+    MetaBalance(3, relax_factor=1.0, beta=0.0).backward(_metabalance_losses(trunk, heads, x), trunk)
+    for g, p in zip(grads, trunk.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_metabalance_no_relaxation_is_the_plain_sum_and_one_term_is_the_target():
+    trunk, heads, x = _metabalance_problem(2)
+    losses = _metabalance_losses(trunk, heads, x)
+    expected = torch.autograd.grad(sum(losses), list(trunk.parameters()), retain_graph=True)
+    MetaBalance(3, relax_factor=0.0).backward(losses, trunk)
+    for g, p in zip(expected, trunk.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+    trunk.zero_grad()
+    with pytest.warns(LossBalanceWarning, match="num_terms=1 has nothing to balance"):
+        one = MetaBalance(1)
+    losses = _metabalance_losses(trunk, heads, x)
+    one.backward(losses[:1], trunk, retain_graph=True)
+    expected = torch.autograd.grad(losses[0], list(trunk.parameters()))
+    for g, p in zip(expected, trunk.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
+def test_metabalance_state_dict_round_trip_continues_bit_identically():
+    trunk, heads, x = _metabalance_problem(3)
+    original = MetaBalance(3)
+    for _ in range(2):
+        original.backward(_metabalance_losses(trunk, heads, x), trunk)
+    resumed = MetaBalance(3)
+    resumed.load_state_dict(copy.deepcopy(original.state_dict()))
+    for _ in range(2):
+        trunk.zero_grad()
+        original.backward(_metabalance_losses(trunk, heads, x), trunk)
+        a = [p.grad.clone() for p in trunk.parameters()]
+        trunk.zero_grad()
+        resumed.backward(_metabalance_losses(trunk, heads, x), trunk)
+        assert all(torch.equal(g, p.grad) for g, p in zip(a, trunk.parameters(), strict=True))
+        assert torch.equal(original.norm_avg, resumed.norm_avg)
+
+
+def test_metabalance_bad_inputs_and_degenerate_gradients():
+    with pytest.raises(ValueError, match=r"Invalid relax_factor: 1.5 \(expected 0 <= relax"):
+        MetaBalance(2, relax_factor=1.5)
+    with pytest.raises(ValueError, match=r"Invalid beta: 1.0 \(expected 0 <= beta < 1\)"):
+        MetaBalance(2, beta=1.0)
+    w = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
+    v = torch.tensor([3.0], dtype=F64, requires_grad=True)
+    balancer = MetaBalance(2)
+    with pytest.raises(ValueError, match="built for 2 loss terms, got 1"):
+        balancer.backward([w.sum()], [w])
+    # the auxiliary term does not reach w: coefficient 1 on its zero gradient, finite
+    balancer.backward([w.pow(2).sum(), v.pow(2).sum() + 0 * w.sum()], [w, v])
+    assert bool(torch.isfinite(balancer.last_coefficients).all())
+    torch.testing.assert_close(w.grad, 2 * w.detach())
+    w.grad = None
+    with pytest.warns(LossBalanceWarning, match="a loss is not finite"):
+        balancer.backward([w.sum() * math.inf, w.sum()], [w])
+    assert w.grad is None
+    with pytest.raises(ValueError, match="got 1 shared tensors, expected 2"):
+        balancer.backward([w.sum(), w.sum()], [w])
