@@ -42,10 +42,13 @@ def mnist_args(tmp_path_factory, write_idx) -> list[str]:
 def _check_outputs(
     out: Path, rows: list[str], command: str, table_rows: list[str] | None = None
 ) -> dict:
-    summary = json.loads((out / "summary.json").read_text())
+    written = json.loads((out / "summary.json").read_text())
+    assert set(written) == {"metric", "metric_label", "rows"} and written["metric_label"]
+    summary = written["rows"]
     assert list(summary) == rows
     for stats in summary.values():
         assert set(stats) == {"mean", "std", "n"}
+        assert (stats["std"] is None) == (stats["n"] < 2)  # no std of one value
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == command
     assert results["rows"] == rows
@@ -80,7 +83,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert len(results["runs"]) == 6
     assert all(len(r["history"]) == 3 for r in results["runs"])  # epochs 0, 1, 2
     mt = [r for r in results["runs"] if r["row"] == "Unbalanced-MTAdam"]
-    assert mt[0]["trace"]["magnitudes"] and (out / "weights.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert (
+        mt[0]["trace"]["magnitudes"] and (out / "magnitudes.png").read_bytes()[:8] == PNG_SIGNATURE
+    )
     # every run is seeded: the same command gives the same numbers
     assert main([*argv[:-1], str(tmp_path / "again"), "--quiet", "--no-plots"]) == 0
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
@@ -136,7 +141,7 @@ def test_mnist_authors_form_reports_nan(tmp_path, capsys, mnist_args):
     with pytest.warns(lossbalance.LossBalanceWarning, match="skipped a step"):
         assert main(argv) == 0
     capsys.readouterr()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["rows"]
     # a batch of 8 misses classes: the authors' form is NaN; Adam's weights turn NaN and
     # its accuracy is reported as NaN (null), MTAdam skips the step
     assert summary["Unbalanced-Adam"]["mean"] is None
@@ -155,7 +160,7 @@ def test_ablation_rows(tmp_path, capsys):
     argv = ["demo", "--ablation", "--seeds", "1", "--epochs", "1", "--max-batches", "2"]
     assert main([*argv, "--no-plots", "--out", str(out), "--quiet"]) == 0
     capsys.readouterr()
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())["rows"]
     assert list(summary) == [
         "Unbalanced-MTAdam",
         "Unbalanced-MTAdam (i) no normalization",
@@ -207,7 +212,7 @@ def test_python_m_lossbalance(tmp_path, mnist_args):
     args = ["demo", "--seeds", "1", "--epochs", "1", "--max-batches", "2", "--out", "o"]
     proc = _run_module(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())["rows"]
     assert list(summary) == ["Balanced-Adam", "Unbalanced-Adam", "Unbalanced-MTAdam"]
     md = (tmp_path / "o" / "results.md").read_text()
     assert "Command: `python -m lossbalance demo --seeds 1" in md
@@ -217,7 +222,7 @@ def test_python_m_lossbalance(tmp_path, mnist_args):
     ]  # fmt: skip
     proc = _run_module(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "Unbalanced-Adam" in json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert "Unbalanced-Adam" in json.loads((tmp_path / "m" / "summary.json").read_text())["rows"]
 
 
 def test_resume_reuses_finished_runs(tmp_path, capsys):
@@ -282,7 +287,8 @@ def test_report_only_writes_the_recorded_runs_and_trains_nothing(tmp_path, capsy
     # a missing run is left out and listed, not trained here
     capsys.readouterr()
     assert main([*argv[:-4], "--seeds", "2", *argv[-4:], "--report-only"]) == 0
-    assert "1 requested run(s) not recorded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: --report-only: 1 requested run(s) not recorded" in err and "error" not in err
     results = json.loads((gpu / "results.json").read_text())
     assert results["runs"] == [run] and results["seeds"] == [0, 1]
     assert results["missing_runs"] == [{"row": "Unbalanced-Adam", "seed": 1}]

@@ -423,7 +423,7 @@ def test_nan_terms_are_reported_honestly(digits):
 def test_summarize_and_format():
     s = summarize([1.0, 2.0, 3.0])
     assert s == {"mean": 2.0, "std": 1.0, "n": 3}
-    assert summarize([5.0]) == {"mean": 5.0, "std": 0.0, "n": 1}
+    assert summarize([5.0]) == {"mean": 5.0, "std": None, "n": 1}
     assert math.isnan(summarize([1.0, float("nan")])["mean"])
     assert format_mean_std(s) == "2.00 ± 1.00"
     assert format_mean_std(summarize([5.0])) == "5.00"
@@ -475,10 +475,12 @@ def test_write_report_contents(tmp_path, digits):
     runs = run_experiment([(None, _task(digits))], specs, [0, 1], cfg)
     result = class_terms_result("demo", "A title", {"lr": 1e-3}, specs, [0, 1], runs)
     paths = write_report(result, tmp_path / "out", "lossbalance demo --seeds 2")
-    names = sorted(p.name for p in paths)
-    assert names == ["metrics.png", "results.json", "results.md", "summary.json", "weights.png"]
+    names = ["magnitudes.png", "metrics.png", "results.json", "results.md", "summary.json"]
+    assert sorted(p.name for p in paths) == names  # MTAdam's magnitudes; no balancer weights
 
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["metric"] == "test_accuracy" and written["metric_label"] == "test accuracy (%)"
+    summary = written["rows"]
     assert list(summary) == ["Balanced-Adam", "Unbalanced-MTAdam"]
     for row, stats in summary.items():
         assert set(stats) == {"mean", "std", "n"} and stats["n"] == 2
@@ -502,5 +504,5 @@ def test_write_report_contents(tmp_path, digits):
     assert "Command: `lossbalance demo --seeds 2`" in md.split("|")[0]
     assert "| Balanced-Adam | " + format_mean_std(summary["Balanced-Adam"]) + " | 2 |" in md
 
-    for name in ("metrics.png", "weights.png"):
+    for name in ("metrics.png", "magnitudes.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_SIGNATURE

@@ -603,7 +603,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
             if recorded.missing:
                 listed = "; ".join(f"{r}, seed {s}" for r, s in recorded.missing)
                 notes.append(f"Not in this report, never recorded: {listed}.")
-                _err(f"--report-only: {len(recorded.missing)} requested run(s) not recorded")
+                _warn(f"--report-only: {len(recorded.missing)} requested run(s) not recorded")
             result.table = result.table.rstrip() + "\n" + "".join(f"- {n}\n" for n in notes)
         elif config.jobs > 1:
             result = run_parallel(module, config, previous=previous, on_run=checkpoint)

@@ -59,6 +59,7 @@ from lossbalance.experiments.report import (
     encode_images,
     format_mean_std,
     markdown_table,
+    protocol_note,
     seeds_note,
     summarize,
     timing_note,
@@ -576,6 +577,7 @@ class GanSetup:
         test_size: int,
         classifier: dict[str, Any],
         extra: dict[str, Any] | None = None,
+        references: dict[str, list[tuple[float, str]]] | None = None,
     ) -> ExperimentResult:
         """:func:`gan_result` of the runs of ``task`` (its name, main metric, term names
         and reference samples); the config records the settings, the resolved device and
@@ -607,6 +609,7 @@ class GanSetup:
             sample_images=task.sample_references(),
             extra=extra,
             classifier=self.classifier_digest,
+            references=references,
         )
 
 
@@ -627,6 +630,7 @@ def gan_result(
     sample_images: list[tuple[str, dict[str, Any]]],
     extra: dict[str, Any] | None = None,
     classifier: str | None = None,
+    references: dict[str, list[tuple[float, str]]] | None = None,
 ) -> ExperimentResult:
     """Summary (``metric``), Markdown table (every column, mean ± std over seeds), metric
     and training-loss plots, and the sample grid of an adversarial experiment.
@@ -653,6 +657,7 @@ def gan_result(
         "of the final test metrics. ms / iter: one discriminator and one generator step, "
         "evaluation excluded."
     )
+    body += [f"- {note}" for note in protocol_note(config, runs)]
     body += [f"- {note}" for note in timing_note(config)]
     classifiers = {r.get("classifier") for r in runs}
     if len(classifiers) > 1:
@@ -694,4 +699,5 @@ def gan_result(
         term_names=term_names,
         extra={**(extra or {}), "sample_images": [list(item) for item in sample_images]},
         extra_plots=[("losses.png", "training losses per evaluation interval", losses)],
+        references=references or {},
     )

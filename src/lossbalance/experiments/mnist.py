@@ -41,6 +41,8 @@ from lossbalance.experiments.report import (
     format_mean_std,
     markdown_table,
     negative_projection_note,
+    protocol_cut,
+    protocol_note,
     seeds_note,
     summarize,
     timing_note,
@@ -146,8 +148,11 @@ def class_terms_result(
     has_skips = any(r["skipped_steps"] is not None for r in runs)
     if has_skips:
         headers.append("MTAdam skipped steps / run")
+    cut = protocol_cut(config)
     if paper is not None:
-        headers.append("Paper (Table 1)")
+        headers.append(
+            "Paper (Table 1; full protocol, not comparable)" if cut else "Paper (Table 1)"
+        )
     table_rows = []
     for row in rows:
         row_runs = [r for r in runs if r["row"] == row]
@@ -180,6 +185,7 @@ def class_terms_result(
         f"- {seeds_note(seeds, len(runs), len(rows) * len(seeds))}; mean ± sample std (ddof = 1) "
         "of the final test accuracy. ms / iter: training time per step, evaluation excluded."
     )
+    body += [f"- {note}" for note in protocol_note(config, runs)]
     body += [f"- {note}" for note in timing_note(config)]
     body += [f"- {note}" for note in negative_projection_note(rows, runs)]
     for row, count in diverged.items():
@@ -201,6 +207,13 @@ def class_terms_result(
         table="\n".join(body),
         plot_metrics=[("test_accuracy", "test accuracy (%)"), ("test_loss", "test NLL")],
         term_names=[f"class {i}" for i in range(10)],
+        references={
+            "test_accuracy": [
+                (float(value.split()[0]), row)
+                for row, value in (paper or {}).items()
+                if row in rows and not cut
+            ]
+        },
     )
 
 

@@ -27,6 +27,7 @@ from lossbalance.experiments.report import (
     format_mean_std,
     markdown_table,
     negative_projection_note,
+    protocol_note,
     seeds_note,
     summarize,
     timing_note,
@@ -201,6 +202,7 @@ def run(
         f"- {seeds_note(seeds, len(runs), len(rows) * len(seeds))}; mean ± sample std. "
         "ms / iter: training time per step, evaluation excluded, averaged over both groups.",
     ]
+    body += [f"- {note}" for note in protocol_note(config, runs)]
     body += [f"- {note}" for note in timing_note(config)]
     body += [f"- {note}" for note in negative_projection_note(rows, runs)]
     return ExperimentResult(

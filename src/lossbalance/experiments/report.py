@@ -39,6 +39,8 @@ __all__ = [
     "plot_metrics",
     "plot_samples",
     "plot_traces",
+    "protocol_cut",
+    "protocol_note",
     "summarize",
     "timing_note",
     "to_jsonable",
@@ -72,6 +74,9 @@ class ExperimentResult:
             report also writes ``samples.png``.
         extra_plots: more metric plots, ``(file name, title, [(key, label), ...])``, e.g.
             the training losses per epoch.
+        references: horizontal reference lines of the metric plots, metric key ->
+            ``[(value, label), ...]`` (a baseline such as bicubic upsampling, or the
+            paper's value of a row: a label equal to a row label takes the row's colour).
     """
 
     name: str
@@ -88,6 +93,7 @@ class ExperimentResult:
     term_names: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
     extra_plots: list[tuple[str, str, list[tuple[str, str]]]] = field(default_factory=list)
+    references: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
 
 
 def library_versions() -> dict[str, Any]:
@@ -114,7 +120,8 @@ def library_versions() -> dict[str, Any]:
 
 
 def summarize(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (ddof = 1; 0 for one value) and count.
+    """Mean, sample standard deviation (ddof = 1; ``None``, JSON null, for one value: it
+    is not defined) and count.
 
     Honest about divergence: one NaN run makes the mean and std NaN.
     """
@@ -123,7 +130,7 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
     if n == 0:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     mean = float(arr.mean())
-    std = float(arr.std(ddof=1)) if n > 1 else 0.0
+    std = float(arr.std(ddof=1)) if n > 1 else None
     return {"mean": mean, "std": std, "n": n}
 
 
@@ -218,6 +225,39 @@ def seeds_note(seeds: Sequence[int], recorded: int, expected: int) -> str:
         f"{text} requested; {recorded} of the {expected} runs are recorded, and each row's "
         "statistics use the runs it has)"
     )
+
+
+def protocol_cut(config: Mapping[str, Any]) -> bool:
+    """Whether the runs were capped (``--max-batches``, ``--train-limit``,
+    ``--test-limit``), so that the protocol's published numbers do not compare."""
+    return any(config.get(k) is not None for k in ("max_batches", "train_limit", "test_limit"))
+
+
+def protocol_note(config: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What a capped command actually ran: the steps and training images each run saw,
+    and the test images it was scored on (empty when nothing was capped)."""
+    if not protocol_cut(config):
+        return []
+    steps = sorted({int(r["steps"]) for r in runs}) or [0]
+    batch, epochs, train = (int(config.get(k) or 0) for k in ("batch_size", "epochs", "train_size"))
+    seen = [min(s * batch, epochs * train) if train else s * batch for s in steps]
+    images = seen[0] if len(seen) == 1 else f"{seen[0]}-{seen[-1]}"
+    count = steps[0] if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    caps = [
+        f"{flag} {config[key]}"
+        for key, flag in (
+            ("max_batches", "--max-batches"),
+            ("train_limit", "--train-limit"),
+            ("test_limit", "--test-limit"),
+        )
+        if config.get(key) is not None
+    ]
+    return [
+        f"Not the full protocol ({', '.join(caps)}): each run trained {count} step(s) and saw "
+        f"{images} training images (counting repeats over epochs) of the "
+        f"{config.get('train_size', '?')} used, and was scored on {config.get('test_size', '?')} "
+        "test images; published numbers do not compare with these."
+    ]
 
 
 def timing_note(config: Mapping[str, Any]) -> list[str]:
@@ -328,32 +368,66 @@ def plot_metrics(
     *,
     subject: str = "test metrics",
 ) -> Path:
-    """Test metrics against epochs: one panel per metric, one line (mean ± std over seeds)
-    per row; rows of a second column group are dashed. ``subject`` names what is plotted."""
+    """Metrics against epochs: one panel per metric (a grid of up to three columns), one
+    line (mean ± std over seeds) per row; rows of a second column group are dashed;
+    ``result.references`` as dotted horizontal lines. ``subject`` names what is plotted.
+    A panel whose rows have a single evaluation says so instead of pretending a curve."""
     plt = _pyplot()
     metrics = list(metrics or result.plot_metrics)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+    cols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.axis("off")
     groups = list(dict.fromkeys(r["group"] for r in result.runs))
     methods = list(dict.fromkeys(r["method"] for r in result.runs))
     cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    for ax, (key, title) in zip(axes[0], metrics, strict=True):
+    colors: dict[str, Any] = {}
+    for ax, (key, title) in zip(axes.flat, metrics, strict=False):
+        longest = 0
         for row in result.rows:
             runs = [r for r in result.runs if r["row"] == row]
             if not runs:
                 continue
             x, mean, std = _mean_curve(runs, key)
-            color = cmap(methods.index(runs[0]["method"]) % cmap.N)
+            longest = max(longest, int(np.isfinite(mean).sum()))
+            color = colors.setdefault(row, cmap(methods.index(runs[0]["method"]) % cmap.N))
             style = "--" if groups.index(runs[0]["group"]) > 0 else "-"
             ax.plot(x, mean, style, color=color, label=row, marker="." if len(x) < 12 else None)
             if len(runs) > 1:
                 ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        for value, label in result.references.get(key, []):
+            color = colors.get(label, "0.35")
+            ax.axhline(value, color=color, linestyle=":", linewidth=1.2)
+            ax.annotate(
+                f"paper: {label}" if label in colors else label,
+                (0.01, value),
+                xycoords=("axes fraction", "data"),
+                fontsize=6,
+                color=color,
+                va="bottom",
+            )
+        if longest == 1:
+            ax.text(
+                0.5,
+                0.95,
+                "one evaluation per run: no curve\n(more epochs or --evals-per-epoch)",
+                transform=ax.transAxes,
+                ha="center",
+                va="top",
+                fontsize=7,
+                color="0.4",
+            )
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_ylabel(title)
+        ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    ncol = min(4, max(1, len(labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
     fig.suptitle(f"{result.title}: {subject} (mean ± std over {len(result.seeds)} seed(s))")
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 4), 1, 0.95))
+    legend_rows = math.ceil(len(labels) / ncol)
+    fig.tight_layout(rect=(0, min(0.35, (0.035 * legend_rows + 0.03) / nrows), 1, 0.95))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -361,48 +435,69 @@ def plot_metrics(
     return path
 
 
-def plot_traces(result: ExperimentResult, path: str | Path) -> Path | None:
-    """Per-term balancer weights or MTAdam magnitudes over training, one panel per row
-    that has them (the first seed's run). Returns ``None`` when no row has a trace."""
+_TRACES = {
+    "weights": ("weight applied to each term", "balancer weights"),
+    "magnitudes": (
+        "gradient magnitude EMA, mean over layers (log)",
+        "MTAdam's per-term magnitudes",
+    ),
+}
+
+
+def plot_traces(result: ExperimentResult, path: str | Path, key: str = "weights") -> Path | None:
+    """One trace over training, one panel per row that has it (each row's first seed):
+    ``key="weights"``, the balancers' weights, or ``"magnitudes"``, MTAdam's per-term
+    gradient magnitude EMAs. Returns ``None`` when no row has it.
+
+    Magnitudes are drawn on a log scale; weights on one scale for the whole figure: log
+    when every weight is positive and they span more than a factor 100, else linear."""
+    ylabel, what = _TRACES[key]
     panels = []
     for row in result.rows:
         run = next((r for r in result.runs if r["row"] == row), None)
         if run is None:
             continue
-        for key, what in (("weights", "weights applied"), ("magnitudes", "gradient magnitude EMA")):
-            values = run["trace"].get(key) or []
-            if any(v is not None for v in values):
-                panels.append((row, run, key, what))
+        if any(v is not None for v in run["trace"].get(key) or []):
+            panels.append((row, run))
     if not panels:
         return None
+    series = []
+    for _, run in panels:
+        pairs = [
+            (s, v)
+            for s, v in zip(run["trace"]["step"], run["trace"][key], strict=True)
+            if v is not None
+        ]
+        values = np.array([v for _, v in pairs], dtype=np.float64)
+        series.append(([s for s, _ in pairs], np.where(np.isfinite(values), values, np.nan)))
+    finite = np.concatenate([v[np.isfinite(v)] for _, v in series])
+    log = key == "magnitudes" or bool(
+        finite.size and finite.min() > 0 and finite.max() / finite.min() > 100
+    )
+    if key == "weights" and log:
+        ylabel = "weight applied to each term (log scale)"
     plt = _pyplot()
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax, (row, run, key, what) in zip(axes.flat, panels, strict=False):
-        steps = [
-            s for s, v in zip(run["trace"]["step"], run["trace"][key], strict=True) if v is not None
-        ]
-        values = np.array([v for v in run["trace"][key] if v is not None], dtype=np.float64)
-        values = np.where(np.isfinite(values), values, np.nan)
+    for ax, (row, run), (steps, values) in zip(axes.flat, panels, series, strict=False):
         for i in range(values.shape[1]):
             name = result.term_names[i] if i < len(result.term_names) else f"term {i}"
             ax.plot(steps, values[:, i], label=name, linewidth=1)
-        positive = values[np.isfinite(values)]
-        if key == "magnitudes" or (
-            positive.size and positive.min() > 0 and positive.max() / positive.min() > 100
-        ):
+        if log:
             ax.set_yscale("log")
-        ax.set_title(f"{row}\n{what} (seed {run['seed']})", fontsize=8)
-        ax.set_xlabel("step")
+        ax.set_title(f"{row} (seed {run['seed']})", fontsize=8)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(True, alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     ncol = min(10 if cols > 1 else 5, len(labels))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
+    fig.suptitle(f"{result.title}: {what} over training (each row's first seed)", fontsize=9)
     legend_rows = math.ceil(len(labels) / max(1, ncol))
-    fig.tight_layout(rect=(0, min(0.3, 0.04 * legend_rows / nrows + 0.02), 1, 1))
+    fig.tight_layout(rect=(0, min(0.3, 0.04 * legend_rows / nrows + 0.02), 1, 0.95))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -647,7 +742,8 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_json(out / "summary.json", result.summary)]
+    summary = {"metric": result.metric, "metric_label": result.metric_label, "rows": result.summary}
+    written = [write_json(out / "summary.json", summary)]
     written.append(
         write_json(
             out / "results.json",
@@ -677,14 +773,16 @@ def write_report(
     plot_names = {
         "metrics.png",
         "weights.png",
+        "magnitudes.png",
         "samples.png",
         *(n for n, _, _ in result.extra_plots),
     }
     if plots:
         written.append(plot_metrics(result, out / "metrics.png"))
-        traces = plot_traces(result, out / "weights.png")
-        if traces is not None:
-            written.append(traces)
+        for key in _TRACES:
+            traces = plot_traces(result, out / f"{key}.png", key)
+            if traces is not None:
+                written.append(traces)
         for name, title, keys in result.extra_plots:
             written.append(plot_metrics(result, out / name, keys, subject=title))
         samples = plot_samples(result, out / "samples.png")

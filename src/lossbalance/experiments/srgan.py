@@ -257,4 +257,5 @@ def run(
         test_size=test_size,
         classifier=info,
         extra={"bicubic_baseline": baseline},
+        references={k: [(v, "bicubic upsampling")] for k, v in baseline.items()},
     )
