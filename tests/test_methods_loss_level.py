@@ -411,7 +411,8 @@ def test_famo_update_needs_a_forward_and_a_second_forward_warns():
     famo(torch.ones(2, requires_grad=True))
     with pytest.warns(LossBalanceWarning, match="without FAMO.update"):
         famo(torch.ones(2, requires_grad=True))
-    famo.update(torch.ones(2))
+    famo.update([torch.tensor(1.0), torch.tensor(0.5)])  # a sequence of scalars too
+    assert float(famo.logits[0]) > float(famo.logits[1])
     with pytest.raises(RuntimeError, match="needs the losses"):
         famo.update(torch.ones(2))  # one update per forward
 

@@ -75,7 +75,7 @@ class ExcessMTL(GradientBalancer):
 
     Args:
         num_terms: K >= 1, the number of loss terms.
-        step_size: eta > 0 (default 1.0, LibMTL's ``robust_step_size``).
+        step_size: eta > 0 (LibMTL's ``robust_step_size``; default 1.0, TorchJD's).
         warmup_steps: calls that estimate E(0), an integer >= 1 (default 1: the first
             call's estimate, as the authors' code; the paper's appendix C.1 collects three
             epochs).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,7 +11,13 @@ from torch import Tensor
 from lossbalance._base import LossBalancer
 from lossbalance._normalization import positive_floor
 from lossbalance._registry import MethodInfo, register
-from lossbalance._validation import check_beta, check_nonneg, check_positive, warn_once
+from lossbalance._validation import (
+    check_beta,
+    check_nonneg,
+    check_positive,
+    stack_losses,
+    warn_once,
+)
 
 
 def famo_loss(losses: Tensor, logits: Tensor, min_losses: Tensor) -> tuple[Tensor, Tensor]:
@@ -87,6 +94,9 @@ class FAMO(LossBalancer):
     With ``delayed=True`` nothing extra is computed: each ``forward`` first updates the
     logits with its own losses, i.e. ``L(t+1)`` is measured on the next batch (the
     authors' code allows this; the rates then include the batch-to-batch noise).
+    Under ``torch.distributed``, ``lossbalance.backward`` gives ``forward`` the losses
+    averaged over the ranks; pass :meth:`update` the averaged new losses too, so that
+    every rank keeps the same logits.
 
     Args:
         num_terms: K >= 1, the number of loss terms.
@@ -193,17 +203,22 @@ class FAMO(LossBalancer):
         return combined
 
     @torch.no_grad()
-    def update(self, losses: Tensor) -> None:
+    def update(self, losses: Tensor | Sequence[Tensor]) -> None:
         """Step the logits with the losses ``L(t+1)`` measured after the model's step.
 
         Args:
             losses: the K losses recomputed after ``optimizer.step()`` (on the same
-                batch for the exact rule); detached inside.
+                batch for the exact rule), a 1-D tensor or a sequence of scalars;
+                detached inside.
 
         Raises:
             RuntimeError: if no ``forward`` came before this call (nothing to compare).
         """
-        losses = torch.as_tensor(losses).detach()
+        losses = (
+            losses.detach()
+            if isinstance(losses, Tensor)
+            else stack_losses(losses, require_grad=False)
+        )
         self._check_terms(losses)
         if not bool(torch.isfinite(self.prev_losses).all()):
             raise RuntimeError(

@@ -64,7 +64,7 @@ class STCH(LossBalancer):
 
     Args:
         num_terms: K >= 1, the number of loss terms.
-        mu: the smoothing parameter, > 0 (default 1.0, LibMTL's default).
+        mu: the smoothing parameter, > 0 (default 1.0).
         preferences: lambda, K positive weights or one float for all (default 1).
         ideal: z*, a float for all terms or K values, in the units of f; ``None``
             (default) estimates it during the warm-up (or uses 0 without one).
@@ -86,7 +86,7 @@ class STCH(LossBalancer):
           losses of the last warm-up epoch; balancers know nothing of epochs, so the
           warm-up is ``warmup_steps`` calls and ``estimate_steps`` chooses the averaged
           tail (``estimate_steps = steps per epoch`` reproduces theirs).
-        - The authors (and LibMTL) multiply the value by K; here it is not, so the
+        - LibMTL's version multiplies the value by K; here it is not, so the
           weights sum to about ``sum_i lambda_i softmax_i`` (1 for lambda = 1), not K:
           use K times the learning rate for the same step.
         - The authors add 1e-20 inside the log; here a loss at or below a tiny positive
