@@ -44,7 +44,7 @@ class EnCodecBalancer(GradientBalancer):
     """EnCodec's balancer: each term's output gradient gets a fixed share of a set norm.
 
     Défossez, Copet, Synnaeve & Adi, "High Fidelity Neural Audio Compression", 2022
-    (arXiv 2210.13438), Sec. 3.4, Eq. (4). With g_i = dL_i/dy the gradient of term i
+    (arXiv 2210.13438), Sec. 3.4 (the loss balancer). With g_i = dL_i/dy the gradient of term i
     with respect to the model's output y, ``<||g_i||>`` its norm averaged by an
     exponential moving average of decay beta (``ema_decay``), and r_i = lambda_i /
     sum_j lambda_j the desired shares (``weights``)::

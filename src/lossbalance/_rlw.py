@@ -89,7 +89,7 @@ class RandomLossWeighting(LossBalancer):
     """Random loss weighting (RLW): a fresh random point of the simplex at every step.
 
     Lin, Ye, Xu, Shi, Zhang & Kwok, "Reasonable Effectiveness of Random Weighting: A Litmus
-    Test for Multi-Task Learning", TMLR 2022 (arXiv 2111.10603), Sec. 3 / Algorithm 1::
+    Test for Multi-Task Learning", TMLR 2022 (arXiv 2111.10603), Algorithm 2::
 
         lambda~(t) ~ p(lambda~),   w(t) = softmax(lambda~(t)),   L(t) = sum_i w_i(t) L_i(t)
 

@@ -43,7 +43,8 @@ class STCH(LossBalancer):
     """Smooth Tchebycheff scalarisation of the losses, with an ideal point from a warm-up.
 
     Lin, Zhang, Chen, Zhang & Zhang, "Smooth Tchebycheff Scalarization for
-    Multi-Objective Optimization", ICML 2024 (arXiv 2402.19078), Eq. (5)::
+    Multi-Objective Optimization", ICML 2024 (arXiv 2402.19078), the smooth Tchebycheff
+    scalarisation of Sec. 3::
 
         g_mu(theta | lambda) = mu log sum_i exp(lambda_i (f_i(theta) - z*_i) / mu)
 
