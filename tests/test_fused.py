@@ -259,6 +259,39 @@ def test_a_failed_compilation_falls_back_once_and_writes_nothing(monkeypatch, de
         assert all(torch.equal(a, b) for a, b in zip(ts, before[name], strict=True)), name
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_real_compile_failure_falls_back(monkeypatch, device):
+    # inductor without a working C++ compiler: an InductorError before anything ran
+    if device.type != "cpu":
+        pytest.skip("the C++ compiler is the CPU's")
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(_fused, "_failed", set())
+    monkeypatch.setattr(_fused, "_compiled", {})
+    state = _initial(device, torch.float32, torch.float32, "max")
+    grads = _grads(0, device, torch.float32, ())
+    table, finite = _table(monkeypatch, state, grads, {})
+    before = _clone(state)
+    args = [state[n] for n in ("params", "exp_avgs", "exp_avg_sqs", "magnitudes", "steps")]
+    options = dict(
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        decoupled_weight_decay=False,
+        second_moment="max",
+        masked=True,
+    )
+    with (
+        inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",)}),
+        pytest.warns(LossBalanceWarning, match="could not be compiled on cpu"),
+    ):
+        assert not _fused.fused_update(args[0], grads, *args[1:], table, finite, **options)
+    for name, ts in state.items():
+        assert all(torch.equal(a, b) for a, b in zip(ts, before[name], strict=True)), name
+
+
 def test_fused_available():
     assert _fused.fused_available(torch.device("cpu")) == torch._dynamo.is_dynamo_supported()
     assert not _fused.fused_available(torch.device("meta"))
