@@ -113,6 +113,15 @@ def test_module_grouping_rejects_duplicate_names_in_one_group():
     named = [*enc.named_parameters(), *dec.named_parameters()]
     with pytest.raises(ValueError, match=r"'0\.weight' names two parameters"):
         MTAdam(named, grouping="module")
+    # no name repeats, but module "0" of the encoder and of the head would be merged
+    torch.manual_seed(0)
+    enc, head = nn.Sequential(nn.Linear(3, 4, bias=False)), nn.Sequential(nn.Linear(4, 1))
+    named = [*enc.named_parameters(), ("1.weight", nn.Parameter(torch.ones(2)))]
+    named += [("0.bias", head[0].bias)]
+    with pytest.raises(ValueError, match=r"module '0' are not listed together"):
+        MTAdam(named, grouping="module")
+    # a module's tensors listed together, in any order, are fine
+    MTAdam(sorted(nn.Sequential(enc, head).named_parameters()), grouping="module")
 
 
 # ------------------------------------------------------------- 2. pending micro-batches

@@ -306,16 +306,30 @@ class MTAdam(Optimizer):
                     "grouping='module' needs named parameters: pass "
                     "model.named_parameters() (or groups of named parameters)"
                 )
+            # named_parameters() lists a module's own tensors together and never repeats a
+            # name: a repeated name, or a module path that comes back after another one,
+            # means that the group joins several modules' names, which can collide
             seen: set[str] = set()
+            done: set[str] = set()
+            last = None
             for name in names:
-                if name in seen:
+                module = name.rpartition(".")[0]
+                if name in seen or (module in done and module != last):
+                    what = (
+                        f"{name!r} names two parameters"
+                        if name in seen
+                        else (f"the parameters of module {module!r} are not listed together")
+                    )
                     raise ValueError(
-                        f"grouping='module': {name!r} names two parameters of one param group, "
-                        "so their modules cannot be told apart: pass each module's "
-                        "named_parameters() as its own param group, or give them distinct "
-                        "prefixes (named_parameters(prefix=...))"
+                        f"grouping='module': {what} in one param group, so its modules cannot "
+                        "be told apart by name: pass each module's named_parameters() as its "
+                        "own param group, or give them distinct prefixes "
+                        "(named_parameters(prefix=...))"
                     )
                 seen.add(name)
+                if last is not None and module != last:
+                    done.add(last)
+                last = module
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ public API
