@@ -8,7 +8,8 @@ ranks' terms, which is what averaging the ranks' gradients computes).
 
 - ``*-terms``: rank 0 has two loss terms, rank 1 three: every rank must raise.
 - ``*-unused-head``: head 1 is reached on rank 0 only (rank 1 has no sample of its task
-  and its term does not reach the head): the ranks must agree with one process.
+  and its term does not reach the head).
+- ``*-empty-head``: rank 1 has no sample of task 1 and runs head 1 on the empty selection.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def terms(net: nn.Module, step: int, rank: int, case: str) -> list[Tensor]:
     losses = [(out[i] - y[:, i]).pow(2).mean() for i in range(3)]
     if case.endswith("terms"):
         return losses[: 2 + rank]
-    if rank == 1:  # no sample of task 1 in this shard: the term does not reach head 1
-        losses[1] = 0.0 * z.sum()
+    if rank == 1 and case.endswith("unused-head"):  # no sample of task 1 in this shard,
+        losses[1] = 0.0 * z.sum()  # and the term does not reach head 1
+    if rank == 1 and case.endswith("empty-head"):  # no sample of task 1 in this shard,
+        losses[1] = net["heads"][1](z[:0]).pow(2).sum() / len(z)  # the head on none of them
     return losses
 
 
@@ -131,7 +134,7 @@ def run_case(case: str, out: Path) -> None:
             result[rank] = torch.load(path, weights_only=False)
         else:
             result[rank] = {"error": f"process died with exit code {p.exitcode}", "params": None}
-    if case.endswith("unused-head"):
+    if case.endswith("head"):
         result["single"] = single(case)
     torch.save(result, out / f"{case}.pt")
 
