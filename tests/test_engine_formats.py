@@ -361,3 +361,12 @@ def test_auto_with_a_zero_size_parameter(device, dtype, fresh_choices):
     assert_stacks(vjp.choose_mode(losses, [w, empty], key="empty").grads, want)
     assert_stacks(term_grads(losses, [w, empty]), want)
     assert vjp.cached_choice(engine.auto_key([w, empty], 2)) in MODES
+
+
+@pytest.mark.parametrize("name", ["channels_last", "views"])
+def test_func_term_grads_any_memory_format(name, device, dtype):
+    model, x = make(name, device, dtype)
+    params = list(model.parameters())
+    want = reference(terms(model(x)), params)
+    _, got = vjp.func_term_grads(model, x, lambda out: torch.stack(terms(out)))
+    assert_stacks(got, want)

@@ -273,7 +273,7 @@ def func_term_grads(
         values, vjp_fn = vjp(compute, primals)[:2]
     eye = torch.eye(values.shape[0], dtype=values.dtype, device=values.device)
     (grads,) = vmap(vjp_fn)(eye)
-    return values.detach(), [grads[n] for n in names]
+    return values.detach(), [grads[n].contiguous() for n in names]  # see _dense
 
 
 def vjp_term_grads(
