@@ -260,8 +260,15 @@ def test_training_step_output_is_checked():
         def training_step(self, batch, batch_idx):
             return "loss"
 
-    with pytest.raises(TypeError, match=r"loss terms"):
+    with pytest.raises(TypeError, match=r"training_step returned a str: expected the loss terms"):
         fit(Text(), data())
+
+    class Skip(MTAdamModule):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    with pytest.raises(TypeError, match=r"MTAdam.step needs the loss terms"):
+        fit(Skip(), data())
 
 
 def test_mixin_listed_after_lightning_module_is_rejected():
@@ -321,3 +328,35 @@ def test_mtadam_step_closure_protocol():
     opt.step(net.losses(batch)[0], closure=lambda: None)
     twin_opt.step(twin.losses(batch)[0])
     assert_same(net, twin)
+
+
+def fp16_plugin() -> L.pytorch.plugins.MixedPrecision:
+    # Lightning's "16-mixed" has a GradScaler on GPUs only; the same plugin, on the CPU
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return L.pytorch.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+def test_balancer_under_16_mixed_matches_a_plain_loop():
+    module = BalancedModule("imtl")
+    plugin = fp16_plugin()
+    fit(module, data(), max_steps=STEPS, plugins=[plugin])
+    net = Net()
+    torch.manual_seed(0)
+    balancer = lossbalance.create("imtl", 2)
+    opt = torch.optim.Adam([*net.parameters(), *balancer.parameters()], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for batch in list(data())[:STEPS]:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses, z = net.losses(batch)
+        lossbalance.backward(losses, balancer, shared=net.trunk, features=z, grad_scaler=scaler)
+        scaler.step(opt)
+        scaler.update()
+    assert plugin.scaler is not None and plugin.scaler.get_scale() == scaler.get_scale()
+    assert_same(module.net, net)
+    assert_same(module.balancer, balancer)
+
+
+def test_mtadam_under_16_mixed_says_what_to_do():
+    with pytest.raises(RuntimeError, match=r"16-mixed.*bf16-mixed.*grad_scaler=scaler"):
+        fit(MTAdamModule(), data(), plugins=[fp16_plugin()])

@@ -116,9 +116,9 @@ class MultiTermMixin:
             if scaler is not None:
                 raise RuntimeError(
                     "MTAdam under Lightning's precision='16-mixed': its GradScaler steps from "
-                    ".grad, which MTAdam does not use. Use precision='bf16-mixed' or "
-                    "'32-true', or manual optimization with "
-                    "opt.step(losses, grad_scaler=scaler)"
+                    ".grad, which MTAdam does not use. Use precision='bf16-mixed', or "
+                    "'32-true' with torch.autocast in training_step and manual optimization: "
+                    "self.optimizers().step(losses, grad_scaler=scaler); scaler.update()"
                 )
             optimizer.accumulate(items)
             return
