@@ -360,3 +360,32 @@ def test_balancer_under_16_mixed_matches_a_plain_loop():
 def test_mtadam_under_16_mixed_says_what_to_do():
     with pytest.raises(RuntimeError, match=r"16-mixed.*bf16-mixed.*grad_scaler=scaler"):
         fit(MTAdamModule(), data(), plugins=[fp16_plugin()])
+
+
+def test_lightning_gradient_clipping_with_mtadam_says_what_to_do():
+    with pytest.raises(RuntimeError, match=r"gradient_clip_val=1.0.*max_grad_norm"):
+        fit(MTAdamModule(), data(), gradient_clip_val=1.0)
+
+
+def test_lightning_checkpoint_resumes_mtadam_bit_identically(tmp_path):
+    # two batches an epoch: the checkpoint is taken at an epoch's end, so that the resumed
+    # run sees the batches the uninterrupted one sees
+    straight = MTAdamModule()
+    fit(straight, data(2), max_steps=3)
+    first = MTAdamModule()
+    trainer = fit(first, data(2), max_steps=2)
+    trainer.save_checkpoint(tmp_path / "two.ckpt")
+    resumed = MTAdamModule()
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(resumed, data(2), ckpt_path=tmp_path / "two.ckpt")
+    assert trainer.global_step == 3
+    assert_same(resumed.net, straight.net)

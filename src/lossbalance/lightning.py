@@ -113,6 +113,13 @@ class MultiTermMixin:
                     "for lossbalance.backward (self.balancer); with MTAdam return the terms "
                     "alone"
                 )
+            if trainer.gradient_clip_val:
+                # Lightning would clip the .grad that MTAdam never reads: a silent no-op
+                raise RuntimeError(
+                    f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) clips .grad, which "
+                    "MTAdam does not read: leave it unset and clip with "
+                    "MTAdam(max_grad_norm=...)"
+                )
             if scaler is not None:
                 raise RuntimeError(
                     "MTAdam under Lightning's precision='16-mixed': its GradScaler steps from "
