@@ -422,3 +422,91 @@ def test_outputs_of_one_operation_are_not_nested() -> None:
     losses = [heads[0](left).pow(2).mean(), heads[1](right).pow(2).mean()]
     alpha = lossbalance.backward(losses, lossbalance.IMTLG(2), shared=trunk, features=[left, right])
     assert torch.isfinite(alpha).all()
+
+
+# ----------------------------------------------------------------------------------------
+# Balancer parameters left out of the optimizer; backward after loss.backward()
+# ----------------------------------------------------------------------------------------
+
+
+def _train(balancer, *, with_balancer_params: bool, steps: int = 3, features: bool = True):
+    torch.manual_seed(2)
+    trunk = torch.nn.Sequential(torch.nn.Linear(4, 6, dtype=F64), torch.nn.Tanh())
+    heads = torch.nn.ModuleList(torch.nn.Linear(6, 1, dtype=F64) for _ in range(2))
+    params = [*trunk.parameters(), *heads.parameters()]
+    if with_balancer_params:
+        params += list(balancer.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        z = trunk(torch.randn(8, 4, dtype=F64))
+        losses = [heads[0](z).pow(2).mean() + 0.1, (heads[1](z) - 1).pow(2).mean()]
+        kwargs = {"shared": trunk, "features": z} if balancer.kind == "gradient" else {}
+        lossbalance.backward(losses, balancer, **kwargs)
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "build", [lambda: lossbalance.IMTL(2), lambda: lossbalance.UncertaintyWeighting(2)]
+)
+def test_balancer_parameters_missing_from_the_optimizer_warn(build) -> None:
+    with pytest.warns(LossBalanceWarning, match=r"not in the optimizer.*balancer\.parameters"):
+        _train(build(), with_balancer_params=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossBalanceWarning)
+        _train(build(), with_balancer_params=True)
+
+
+def test_imtl_scales_missing_from_the_optimizer_warn_with_a_fused_optimizer() -> None:
+    # fused Adam does not bump the parameters' version counters: values are compared
+    torch.manual_seed(2)
+    balancer = lossbalance.IMTL(2)
+    trunk = torch.nn.Linear(4, 6, dtype=F64)
+    heads = torch.nn.ModuleList(torch.nn.Linear(6, 1, dtype=F64) for _ in range(2))
+    optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], fused=True)
+    with pytest.warns(LossBalanceWarning, match="not in the optimizer"):
+        for _ in range(2):
+            optimizer.zero_grad()
+            z = trunk(torch.randn(8, 4, dtype=F64))
+            losses = [heads[0](z).pow(2).mean() + 0.1, heads[1](z).pow(2).mean() + 0.1]
+            lossbalance.backward(losses, balancer, shared=trunk, features=z)
+            optimizer.step()
+
+
+def _step_losses(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:
+    torch.manual_seed(seed)
+    out = model(torch.randn(8, 3, dtype=F64))
+    return [out[:, 0].pow(2).mean(), out[:, 1].abs().mean()]
+
+
+@pytest.mark.parametrize("make", [lambda: lossbalance.Uniform(2), lambda: MGDA(2)])
+def test_backward_after_a_manual_backward_warns(make) -> None:
+    model = torch.nn.Linear(3, 2, dtype=F64)
+    balancer = make()
+    kwargs = {"shared": model} if balancer.kind == "gradient" else {}
+    losses = _step_losses(model, 0)
+    sum(losses).backward(retain_graph=True)
+    with pytest.warns(LossBalanceWarning, match=r"loss\.backward\(\) called first"):
+        lossbalance.backward(losses, balancer, **kwargs)
+    # and in a later step, after zero_grad, the same mistake is seen again by a new balancer
+    model.zero_grad()
+    losses = _step_losses(model, 1)
+    sum(losses).backward(retain_graph=True)
+    with pytest.warns(LossBalanceWarning, match="no earlier lossbalance.backward"):
+        lossbalance.backward(losses, make(), **kwargs)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("make", [lambda: lossbalance.Uniform(2), lambda: MGDA(2)])
+def test_accumulating_lossbalance_backward_calls_stay_silent(make, set_to_none: bool) -> None:
+    model = torch.nn.Linear(3, 2, dtype=F64)
+    balancer = make()
+    kwargs = {"shared": model} if balancer.kind == "gradient" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossBalanceWarning)
+        for step in range(3):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            for micro in range(3):  # three micro-batches accumulate on purpose
+                lossbalance.backward(_step_losses(model, 10 * step + micro), balancer, **kwargs)
+            optimizer.step()

@@ -9,6 +9,7 @@ turns it into the documented NaN weights (and, under a GradScaler, NaN ``.grad``
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -162,6 +163,12 @@ def backward(
         - Gradient accumulation: calling this once per micro-batch balances each
           micro-batch on its own; :class:`lossbalance.Accumulator` balances the per-term
           gradients summed over the micro-batches instead, as one large batch would.
+          Several calls in one step add up silently. A ``.grad`` that no earlier call
+          wrote (``loss.backward()`` before this call) warns once, since the balanced
+          gradient is then added to the plain one; so does a balancer whose own
+          parameters did not change between two calls while the model's did and whose
+          ``.grad`` is nonzero (they are missing from the optimizer). Both checks look at
+          one leaf (the first a walk from the losses meets): cheap, not exhaustive.
         - Task-specific parameters receive their own term's gradient, unweighted, as in
           the papers (MGDA sec. 3.3, IMTL sec. 3); MGDA's authors' code also scaled the
           heads by alpha. A balancer whose paper weights the heads too sets
@@ -244,6 +251,7 @@ def backward(
     with torch.enable_grad():
         items = as_loss_list(losses)
     check_num_terms(balancer, len(items))
+    check_grads_before(balancer, items)
     params: list[Tensor] = []
     try:
         if balancer.kind == "loss":
@@ -284,6 +292,112 @@ def check_num_terms(balancer: Balancer, k: int) -> None:
         raise ValueError(
             f"{type(balancer).__name__} was built for {balancer.num_terms} loss terms, got {k}"
         )
+
+
+# --------------------------------------------------------------------------- misuse checks
+
+# Per probe leaf (by id): the leaf, its .grad and the grad's version as the last call of
+# ``backward`` found them. Our own write adds to that grad in place (version + 1) or, from
+# None, creates it; anything else (autograd's accumulation into it, a new grad object) was
+# written by someone else since.
+_seen_grads: dict[int, tuple[weakref.ref[Tensor], weakref.ref[Tensor] | None, int]] = {}
+# Per balancer with parameters: a probe leaf, a slice of its values, its parameters' values.
+_own_state: weakref.WeakKeyDictionary[Balancer, tuple[weakref.ref[Tensor], Tensor, list[Tensor]]]
+_own_state = weakref.WeakKeyDictionary()
+_PROBE_VALUES = 64
+
+
+def check_grads_before(balancer: Balancer, items: Sequence[Tensor]) -> None:
+    """Warn once for two silent mistakes, from one leaf that the call will write.
+
+    - A ``.grad`` that the previous ``backward`` call did not leave there (the user ran
+      ``loss.backward()`` first, so this call adds the balanced gradient to the plain
+      one). Several ``backward`` calls in one step (accumulating on purpose) stay silent.
+    - The balancer's own parameters unchanged since the previous call while the model's
+      changed, with a nonzero ``.grad``: they are not in the optimizer (hybrid IMTL's
+      scales then stay fixed, which makes it IMTL-G).
+    """
+    own = [p for p in balancer.parameters() if p.requires_grad]
+    probe = _first_leaf(items, {id(p) for p in own})
+    if probe is None:
+        return
+    if _foreign_grad(probe):
+        warn_once(
+            balancer._warning_key("backward-foreign-grad"),
+            "lossbalance.backward: the parameters already hold a .grad that no earlier "
+            "lossbalance.backward call wrote (was loss.backward() called first?); the "
+            "balanced gradient is added to it, as autograd accumulates. Call "
+            "optimizer.zero_grad() before the step's first backward (several "
+            "lossbalance.backward calls in one step accumulate silently)",
+            stacklevel=4,
+        )
+    if own and _own_params_stuck(balancer, own, probe):
+        names = [n for n, p in balancer.named_parameters() if p.requires_grad]
+        warn_once(
+            balancer._warning_key("backward-own-params-stuck"),
+            f"lossbalance.backward: the parameters of {type(balancer).__name__} "
+            f"({', '.join(names)}) did not change since the previous call while the model's "
+            "did, and their .grad keeps growing: they are not in the optimizer. Pass "
+            "balancer.parameters() to it too (without them the learned weights stay at "
+            "their initial values; hybrid IMTL becomes IMTL-G)",
+            stacklevel=4,
+        )
+
+
+def _first_leaf(items: Sequence[Tensor], skip: set[int]) -> Tensor | None:
+    """The first leaf requiring grad that a depth-first walk from the losses meets."""
+    seen: set[object] = set()
+    todo = [t.grad_fn for t in reversed(items) if t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if isinstance(leaf, Tensor):
+            if id(leaf) not in skip:
+                return leaf
+            continue
+        todo += [e[0] for e in reversed(node.next_functions) if e[0] is not None]  # type: ignore[attr-defined]
+    return None
+
+
+def _foreign_grad(p: Tensor) -> bool:
+    grad = p.grad
+    key = id(p)
+    record = _seen_grads.get(key)
+    if record is not None and record[0]() is not p:
+        record = None  # another tensor at a reused address
+    _seen_grads[key] = (
+        weakref.ref(p, lambda _: _seen_grads.pop(key, None)),
+        None if grad is None else weakref.ref(grad),
+        0 if grad is None else grad._version,
+    )
+    if grad is None or grad.is_sparse:
+        return False
+    if record is not None:
+        _, old, version = record
+        if old is None:
+            return False  # created by the previous call (or it skipped and someone else)
+        if old() is grad and grad._version - version in (0, 1):
+            return False  # the previous call added to it (or skipped the step)
+    return bool(grad.any())  # zero_grad(set_to_none=False) leaves zeros: not a mistake
+
+
+def _own_params_stuck(balancer: Balancer, own: Sequence[Tensor], probe: Tensor) -> bool:
+    with torch.no_grad():
+        values = probe.detach().reshape(-1)[:_PROBE_VALUES].clone()
+        mine = [p.detach().clone() for p in own]
+    previous = _own_state.get(balancer)
+    _own_state[balancer] = (weakref.ref(probe), values, mine)
+    if previous is None or previous[0]() is not probe:
+        return False
+    _, old_values, old_mine = previous
+    if torch.equal(old_values, values):
+        return False  # the model did not step either (accumulation, a skipped step)
+    if not all(torch.equal(a, b) for a, b in zip(old_mine, mine, strict=True)):
+        return False
+    return any(p.grad is not None and bool(p.grad.any()) for p in own)
 
 
 def check_scaler(grad_scaler: object) -> torch.amp.GradScaler | None:
