@@ -122,6 +122,12 @@ def expand_methods(
     return out
 
 
+def accuracy_at(run: Mapping[str, Any], epoch: int) -> float:
+    """The test accuracy of the last evaluation at or before ``epoch`` (NaN if none)."""
+    points = [h for h in run["history"] if h["epoch"] <= epoch + 1e-9]
+    return float(points[-1]["test_accuracy"]) if points else float("nan")
+
+
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -137,14 +143,31 @@ def class_terms_result(
     *,
     paper: dict[str, str] | None = None,
     notes: list[str] | None = None,
+    early_epoch: int | None = None,
+    lessons: Callable[[dict[str, dict[str, Any]], dict[str, dict[str, Any]]], list[str]]
+    | None = None,
 ) -> ExperimentResult:
-    """Summary and Markdown table of a per-class-terms experiment (mnist, demo)."""
+    """Summary and Markdown table of a per-class-terms experiment (mnist, demo).
+
+    ``early_epoch`` adds a column with the test accuracy after that many epochs (how fast
+    each row learns, besides where it ends); ``lessons(final, early)`` returns sentences
+    that say what the table shows, computed from its numbers (row -> summary)."""
     rows = [s.label for s in specs]
     summary = {
         row: summarize([r["final"]["test_accuracy"] for r in runs if r["row"] == row])
         for row in rows
     }
+    early = {
+        row: summarize(
+            [accuracy_at(r, early_epoch) for r in runs if r["row"] == row]
+            if early_epoch is not None
+            else []
+        )
+        for row in rows
+    }
     headers = ["Method", "Test accuracy (%)", "n", "ms / iter", "non-finite steps / run"]
+    if early_epoch is not None:
+        headers.insert(1, f"After epoch {early_epoch} (%)")
     has_skips = any(r["skipped_steps"] is not None for r in runs)
     if has_skips:
         headers.append("MTAdam skipped steps / run")
@@ -165,6 +188,8 @@ def class_terms_result(
             f"{ms:.2f}",
             f"{nonfinite:.1f}" if nonfinite is not None else "-",
         ]
+        if early_epoch is not None:
+            cells.insert(1, format_mean_std(early[row]))
         if has_skips:
             skipped = _mean([r["skipped_steps"] for r in row_runs])
             cells.append("-" if skipped is None else f"{skipped:.1f}")
@@ -180,6 +205,10 @@ def class_terms_result(
         for row in rows
     }
     body = [markdown_table(headers, table_rows), ""]
+    if lessons is not None:
+        said = lessons(summary, early)
+        if said:
+            body += ["**What this table shows.** " + " ".join(said), ""]
     body += [f"- {note}" for note in (notes or [])]
     body.append(
         f"- {seeds_note(seeds, len(runs), len(rows) * len(seeds))}; mean ± sample std (ddof = 1) "
