@@ -6,6 +6,8 @@ Every mode is checked against a plain loop that takes the same steps on the same
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -389,3 +391,14 @@ def test_lightning_checkpoint_resumes_mtadam_bit_identically(tmp_path):
         trainer.fit(resumed, data(2), ckpt_path=tmp_path / "two.ckpt")
     assert trainer.global_step == 3
     assert_same(resumed.net, straight.net)
+
+
+def test_lossbalance_lightning_imports_without_lightning():
+    code = (
+        "import sys; sys.modules['lightning'] = sys.modules['lightning.pytorch'] = None\n"
+        "import lossbalance, lossbalance.lightning as m\n"
+        "assert 'lightning' not in [k for k, v in sys.modules.items() if v is not None]\n"
+        "try:\n    m.MultiTermModule\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "needs PyTorch Lightning: pip install lightning" in out.stdout

@@ -15,16 +15,17 @@ Lightning divides the loss. Under ``precision="16-mixed"`` the balancer path sca
 terms with Lightning's ``GradScaler``. In manual optimization ``self.optimizers().step(losses)``
 works with MTAdam, and ``lossbalance.backward`` replaces ``manual_backward``.
 
-Lightning is imported only when a module is built: ``import lossbalance`` never needs it.
-:class:`MultiTermMixin` is the same behaviour for ``pytorch_lightning.LightningModule`` or
-a class hierarchy of your own (list it before the ``LightningModule``).
+Lightning is imported on the first use of ``MultiTermModule``: neither ``import
+lossbalance`` nor ``import lossbalance.lightning`` needs it. :class:`MultiTermMixin` is the
+same behaviour as a mixin, for a ``LightningModule`` base class of your own (list the mixin
+first: ``class Module(MultiTermMixin, MyLightningModule)``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -41,7 +42,7 @@ _PENDING = "_lossbalance_pending"
 _WRAPPED = "_lossbalance_returns_terms"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, eq=False)
 class Terms:
     """Loss terms returned by ``training_step``, with options for ``lossbalance.backward``.
 
@@ -52,7 +53,7 @@ class Terms:
     """
 
     losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any]
 
     def __init__(self, losses: Any, **options: Any) -> None:
         object.__setattr__(self, "losses", losses)
