@@ -66,7 +66,7 @@ def aligned_mtl_weights(matrix: Tensor, scale_mode: str = "min") -> Tensor:
     r"""Aligned-MTL weights: the sum of the gradients after the condition-number-1 alignment.
 
     Senushkin, Patakin, Kuznetsov, Konushin, "Independent Component Alignment for
-    Multi-Task Learning", CVPR 2023, Sec. 4 and Algorithm 1. With ``matrix`` = J (rows
+    Multi-Task Learning", CVPR 2023, Algorithm 1. With ``matrix`` = J (rows
     g_i) and the eigendecomposition ``G = J J^T = V \Lambda V^T`` (its r positive
     eigenvalues), the aligned gradients are the rows of ``B J`` with
 
@@ -74,8 +74,9 @@ def aligned_mtl_weights(matrix: Tensor, scale_mode: str = "min") -> Tensor:
         B = \sqrt{\lambda_s}\, V \Lambda^{-1/2} V^T, \qquad
         (B J)(B J)^T = \lambda_s V V^T,
 
-    an orthogonal system of equal norms :math:`\sqrt{\lambda_s}` (condition number 1, the
-    minimiser of the paper's Eq. 6 up to scale), and the update is their sum
+    an orthogonal system of equal norms :math:`\sqrt{\lambda_s}` (condition number 1;
+    for that norm, the nearest such system to J in Frobenius norm, an orthogonal
+    Procrustes problem), and the update is their sum
     ``d = 1^T B J``, so ``alpha = B 1``. ``scale_mode`` picks :math:`\lambda_s`:
     ``"min"`` (default, the paper: the smallest singular value squared), ``"median"`` or
     ``"rmse"`` (the mean eigenvalue), the options of the authors' code. The weights do

@@ -180,7 +180,7 @@ def cagrad_weights(matrix: Tensor, c: float = 0.4, *, rescale: str = "none") -> 
     worst-off term.
 
     Liu, Liu, Jin, Stone, Liu, "Conflict-Averse Gradient Descent for Multi-task
-    Learning", NeurIPS 2021, Eq. (2)-(3) and Algorithm 1. With ``matrix`` = J (rows g_i),
+    Learning", NeurIPS 2021, Algorithm 1. With ``matrix`` = J (rows g_i),
     ``G = J J^T``, the mean :math:`g_0 = \frac1K \sum_i g_i` and
     :math:`\rho = c \|g_0\|`:
 
@@ -203,10 +203,10 @@ def cagrad_weights(matrix: Tensor, c: float = 0.4, *, rescale: str = "none") -> 
 
     Args:
         matrix: K x P per-term gradients, rows are terms.
-        c: radius of the ball relative to ``||g_0||``, c >= 0 (default 0.4, the paper's
-            value for multi-task supervised learning).
+        c: radius of the ball relative to ``||g_0||``, c >= 0 (default 0.4; LibMTL's
+            default is 0.5).
         rescale: ``"none"`` (default, the paper's update), ``"1+c^2"`` (divide d by
-            1 + c^2, the default of the authors' code, ``rescale=1`` there) or ``"1+c"``
+            1 + c^2: ``rescale=1`` of the authors' code, LibMTL's default) or ``"1+c"``
             (``rescale=2``).
 
     Returns:
@@ -226,8 +226,8 @@ def cagrad_weights(matrix: Tensor, c: float = 0.4, *, rescale: str = "none") -> 
         True
 
     Differences from the authors' code: it minimised the dual with
-    ``scipy.optimize.minimize`` (SLSQP, to its default tolerance; their toy example ran
-    a few SGD steps) and added 1e-8 to norms; we solve it to rounding.
+    ``scipy.optimize.minimize`` from w = 1/K (SLSQP, to its default tolerance; LibMTL
+    does the same) and added 1e-8 to norms; we solve it to rounding.
     """
     check_matrix(matrix)
     return cagrad_weights_from_gramian(gramian(matrix), c, rescale=rescale)

@@ -75,7 +75,7 @@ def config_weights(matrix: Tensor) -> Tensor:
     r"""ConFIG weights: equal cosines to every gradient, length their summed projections.
 
     Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
-    Networks", ICLR 2025 (arXiv 2408.11104), Eq. (2)-(3). With ``matrix`` = J (rows g_i),
+    Networks", 2024. With ``matrix`` = J (rows g_i),
     U the matrix of unit rows u_i = g_i / ||g_i|| and :math:`\mathcal U[x] = x / \|x\|`,
 
     .. math::
@@ -119,7 +119,7 @@ def config_weights(matrix: Tensor) -> Tensor:
 class ConFIG(GradientBalancer):
     r"""ConFIG: conflict-free update with equal cosines to every per-term gradient.
 
-    Liu, Chu, Thuerey, ICLR 2025, Eq. (2)-(3); the math is in :func:`config_weights`.
+    Liu, Chu, Thuerey, 2024; the math is in :func:`config_weights`.
     Stateless.
 
     Args:
@@ -145,7 +145,7 @@ register(
         factory=ConFIG,
         needs="gramian",
         stateful=False,
-        paper="Liu, Chu & Thuerey, ICLR 2025",
+        paper="Liu, Chu & Thuerey, 2024",
         summary="ConFIG: equal cosines to every gradient, length the summed projections",
     )
 )

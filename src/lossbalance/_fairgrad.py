@@ -195,8 +195,8 @@ def fairgrad_weights(matrix: Tensor, alpha: float = 2.0, *, max_norm: float = 0.
 
     Args:
         matrix: K x P per-term gradients, rows are terms.
-        alpha: the fairness parameter > 0 (default 2, the value of the authors' run
-            scripts).
+        alpha: the fairness parameter > 0 (default 2, the value in the authors' QM9 run
+            script).
         max_norm: if > 0, alpha is scaled down so that ``||w @ J|| <= max_norm`` (the
             gradient clipping of the authors' code); 0 (default) disables it.
 

@@ -32,7 +32,7 @@ def nash_mtl_weights(matrix: Tensor, *, max_norm: float = 0.0) -> Tensor:
     r"""Nash-MTL weights: the Nash bargaining solution, ``G alpha = 1 / alpha``.
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as
-    a Bargaining Game", ICML 2022, Sec. 3 (Theorem 3.1 and Eq. 2). The update
+    a Bargaining Game", ICML 2022, Algorithm 1. The update
     d = J^T alpha (``matrix`` = J, rows g_i, ``G = J J^T``) maximises
     :math:`\sum_i \log(g_i^T d)` over a ball; its weights solve
 

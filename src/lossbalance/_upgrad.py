@@ -163,7 +163,8 @@ def upgrad_weights(matrix: Tensor) -> Tensor:
     r"""UPGrad weights: the mean of each gradient projected onto the dual cone of all.
 
     Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024 (arXiv
-    2406.16232), Eq. (5) with Proposition 1. With ``matrix`` = J (rows g_i),
+    2406.16232): the UPGrad aggregator, its projection (Eq. 3) computed in the dual form
+    of Proposition 1. With ``matrix`` = J (rows g_i),
     ``G = J J^T`` and :math:`\pi_J` the projection onto the dual cone
     :math:`\{x : J x \ge 0\}`,
 
@@ -250,8 +251,8 @@ def dualproj_weights(matrix: Tensor) -> Tensor:
 class UPGrad(GradientBalancer):
     r"""UPGrad: the mean of the gradients each projected onto the dual cone of all of them.
 
-    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024, Eq. (5);
-    the math is in :func:`upgrad_weights`. Stateless.
+    Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024; the math is
+    in :func:`upgrad_weights`. Stateless.
 
     Args:
         num_terms: K >= 1.
