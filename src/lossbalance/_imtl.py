@@ -347,6 +347,9 @@ class IMTL(GradientBalancer):
     IMTL-G (:func:`imtl_g_weights`) to the Gramian of their gradients. The engine then
     writes ``sum_i alpha_i grad(e^{s_i} L_i)`` into the shared parameters, and the
     gradient of ``sum_i (e^{s_i} L_i - s_i)`` into the task-specific parameters and s.
+    Pass ``balancer.parameters()`` to the optimizer: without them s stays 0 and this is
+    IMTL-G (``lossbalance.backward`` warns once when s does not change between two calls
+    while the model does and its ``.grad`` keeps growing).
 
     Args:
         num_terms: K >= 1.
