@@ -23,8 +23,11 @@ from lossbalance._mtadam import MTAdam
 # --- loss level ---
 # isort: split
 from lossbalance._dwa import DWA
+from lossbalance._famo import FAMO
 from lossbalance._gls import GLS
 from lossbalance._normalization import DynamicNormalization, InitialLossNormalization
+from lossbalance._rlw import RandomLossWeighting
+from lossbalance._stch import STCH
 from lossbalance._uncertainty import UncertaintyWeighting
 from lossbalance._uniform import FixedWeights, Uniform
 
@@ -33,9 +36,12 @@ from lossbalance._uniform import FixedWeights, Uniform
 from lossbalance._aligned_mtl import AlignedMTL
 from lossbalance._cagrad import CAGrad
 from lossbalance._config import ConFIG
+from lossbalance._encodec import EnCodecBalancer
+from lossbalance._excess_mtl import ExcessMTL
 from lossbalance._fairgrad import FairGrad
 from lossbalance._gradnorm import GradNorm, GradNormalization
 from lossbalance._imtl import IMTL, IMTLG, IMTLL
+from lossbalance._metabalance import MetaBalance
 from lossbalance._mgda import MGDA, MGDAClosedForm
 from lossbalance._nash_mtl import NashMTL
 from lossbalance._pcgrad import PCGrad
@@ -55,11 +61,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DWA",
+    "FAMO",
     "GLS",
     "IMTL",
     "IMTLG",
     "IMTLL",
     "MGDA",
+    "STCH",
     "Accumulator",
     "AlignedMTL",
     "Balancer",
@@ -67,6 +75,8 @@ __all__ = [
     "ConFIG",
     "DualProj",
     "DynamicNormalization",
+    "EnCodecBalancer",
+    "ExcessMTL",
     "FairGrad",
     "FixedWeights",
     "GradNorm",
@@ -77,9 +87,11 @@ __all__ = [
     "LossBalancer",
     "MGDAClosedForm",
     "MTAdam",
+    "MetaBalance",
     "MethodInfo",
     "NashMTL",
     "PCGrad",
+    "RandomLossWeighting",
     "TermLogger",
     "UPGrad",
     "UncertaintyWeighting",

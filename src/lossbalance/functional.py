@@ -11,7 +11,10 @@ from __future__ import annotations
 from lossbalance._aligned_mtl import aligned_mtl_weights, aligned_mtl_weights_from_gramian
 from lossbalance._cagrad import cagrad_weights, cagrad_weights_from_gramian
 from lossbalance._config import config_weights, config_weights_from_gramian
+from lossbalance._encodec import encodec_weights, encodec_weights_from_gramian
+from lossbalance._excess_mtl import excess_mtl_update, excess_risks
 from lossbalance._fairgrad import fairgrad_weights, fairgrad_weights_from_gramian
+from lossbalance._famo import famo_logit_grad, famo_loss
 from lossbalance._gradnorm import (
     grad_normalization_weights,
     grad_normalization_weights_from_gramian,
@@ -19,6 +22,7 @@ from lossbalance._gradnorm import (
     gradnorm_weights_from_gramian,
 )
 from lossbalance._imtl import imtl_g_weights, imtl_g_weights_from_gramian, imtl_l_loss
+from lossbalance._metabalance import metabalance_coefficients
 from lossbalance._mgda import (
     mgda_closed_form_weights,
     mgda_closed_form_weights_from_gramian,
@@ -28,6 +32,8 @@ from lossbalance._mgda import (
 from lossbalance._mtadam import mtadam
 from lossbalance._nash_mtl import nash_mtl_weights, nash_mtl_weights_from_gramian
 from lossbalance._pcgrad import pcgrad, pcgrad_weights, pcgrad_weights_from_gramian
+from lossbalance._rlw import rlw_weights
+from lossbalance._stch import stch_loss
 from lossbalance._upgrad import (
     dualproj_weights,
     dualproj_weights_from_gramian,
@@ -44,8 +50,14 @@ __all__ = [
     "config_weights_from_gramian",
     "dualproj_weights",
     "dualproj_weights_from_gramian",
+    "encodec_weights",
+    "encodec_weights_from_gramian",
+    "excess_mtl_update",
+    "excess_risks",
     "fairgrad_weights",
     "fairgrad_weights_from_gramian",
+    "famo_logit_grad",
+    "famo_loss",
     "grad_normalization_weights",
     "grad_normalization_weights_from_gramian",
     "gradnorm_weights",
@@ -53,6 +65,7 @@ __all__ = [
     "imtl_g_weights",
     "imtl_g_weights_from_gramian",
     "imtl_l_loss",
+    "metabalance_coefficients",
     "mgda_closed_form_weights",
     "mgda_closed_form_weights_from_gramian",
     "mgda_weights",
@@ -63,6 +76,8 @@ __all__ = [
     "pcgrad",
     "pcgrad_weights",
     "pcgrad_weights_from_gramian",
+    "rlw_weights",
+    "stch_loss",
     "upgrad_weights",
     "upgrad_weights_from_gramian",
 ]

@@ -85,7 +85,7 @@ def run(
         f"MLP 64-{cfg.hidden}-10, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}.",
         "Terms: L_i = w_i * sum of class-i NLL / batch size, w_i ~ U(1, 1000) drawn per seed "
         "(Balanced rows: all w_i = 1). A batch without class i gives L_i = 0 with no "
-        "gradient, which uncertainty weighting and IMTL-G warn about once: expected here.",
+        "gradient, which some balancers warn about once (uncertainty weighting, IMTL-G): expected here.",
     ]
     return class_terms_result(
         "demo",
