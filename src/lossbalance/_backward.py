@@ -305,6 +305,8 @@ _seen_grads: dict[int, tuple[weakref.ref[Tensor], weakref.ref[Tensor] | None, in
 _own_state: weakref.WeakKeyDictionary[Balancer, tuple[weakref.ref[Tensor], Tensor, list[Tensor]]]
 _own_state = weakref.WeakKeyDictionary()
 _PROBE_VALUES = 64
+# warn_once, check_grads_before, backward, the torch.compiler.disable wrapper, the caller
+_CALLER = 5
 
 
 def check_grads_before(balancer: Balancer, items: Sequence[Tensor]) -> None:
@@ -329,7 +331,7 @@ def check_grads_before(balancer: Balancer, items: Sequence[Tensor]) -> None:
             "balanced gradient is added to it, as autograd accumulates. Call "
             "optimizer.zero_grad() before the step's first backward (several "
             "lossbalance.backward calls in one step accumulate silently)",
-            stacklevel=4,
+            stacklevel=_CALLER,
         )
     if own and _own_params_stuck(balancer, own, probe):
         names = [n for n, p in balancer.named_parameters() if p.requires_grad]
@@ -340,7 +342,7 @@ def check_grads_before(balancer: Balancer, items: Sequence[Tensor]) -> None:
             "did, and their .grad keeps growing: they are not in the optimizer. Pass "
             "balancer.parameters() to it too (without them the learned weights stay at "
             "their initial values; hybrid IMTL becomes IMTL-G)",
-            stacklevel=4,
+            stacklevel=_CALLER,
         )
 
 
