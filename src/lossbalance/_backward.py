@@ -29,6 +29,8 @@ from lossbalance._engine import (
     GRAMIAN_MODES,
     _add_gramian,
     _combine,
+    _per_term,
+    _warn_unreached,
     as_features,
     collect_terms,
     exact_or_gramian_terms,
@@ -716,6 +718,8 @@ def _gradient_level(
     retain_graph: bool,
     scaler: torch.amp.GradScaler | None,
 ) -> Tensor:
+    if _needs_grads(balancer):
+        return _vector_level(items, balancer, params, features, mode, retain_graph, scaler)
     with torch.enable_grad():
         stacked = torch.stack(items)
         _check_finite("losses", "a loss is not finite", [stacked])
@@ -798,6 +802,13 @@ def _call_weights(
     balancer: Balancer, gramian: Tensor, losses_t: Tensor, scale: Tensor | None
 ) -> Tensor:
     """``balancer.weights(gramian, losses_t)``, validated; records ``last_weights``."""
+    if _needs_grads(balancer):
+        raise RuntimeError(
+            f"{type(balancer).__name__} needs the per-term gradients, not their Gramian: it "
+            "works with lossbalance.backward (mode 'exact' or 'batched') on one process, "
+            "not with lossbalance.Accumulator or under torch.distributed, whose deferred "
+            "paths balance a Gramian"
+        )
     k = balancer.num_terms
     previous = balancer.last_weights
     with _own_grads_scaled(balancer, scale):
@@ -812,6 +823,168 @@ def _call_weights(
     if balancer.last_weights is None or balancer.last_weights is previous:
         balancer.last_weights = alpha.clone()
     return alpha
+
+
+def _needs_grads(balancer: Balancer) -> bool:
+    return balancer.kind == "gradient" and bool(getattr(balancer, "needs_grads", False))
+
+
+def _vector_level(
+    items: list[Tensor],
+    balancer: Balancer,
+    params: list[Tensor],
+    features: list[Tensor],
+    mode: str,
+    retain_graph: bool,
+    scaler: torch.amp.GradScaler | None,
+) -> Tensor:
+    """A balancer that needs the per-term gradients (``VectorBalancer.combine``).
+
+    Exact / batched mode: the K per-term stacks of the shared parameters go to
+    ``combine``, which returns their gradients. Feature mode (GradDrop): the stacks of the
+    features' gradients, and the combined feature gradients go once through the trunk.
+    A transform enters through its Jacobian T: the stacks are ``T S`` (rows g~_i), the
+    other leaves get ``sum_j (T^T 1)_j`` of their per-term gradients.
+    """
+    name = type(balancer).__name__
+    if mode == "gramian":
+        raise ValueError(
+            f"{name} needs the per-term gradients, which mode='gramian' never holds (it "
+            "builds their Gramian by double backward): use mode='exact' or 'batched'"
+        )
+    use_features = mode == "feature"
+    if use_features and not getattr(balancer, "accepts_features", False):
+        raise ValueError(
+            f"{name} combines the per-term gradients of the shared parameters, not of "
+            "features: use mode='exact' or 'batched' (mode='auto' picks 'feature' when "
+            "features=... is given)"
+        )
+    inputs = features if use_features else params
+    k, n = len(items), len(inputs)
+    with torch.enable_grad():
+        stacked = torch.stack(items)
+        _check_finite("losses", "a loss is not finite", [stacked])
+        losses_t = _transform(balancer, stacked)
+        _check_finite("transformed", "a transformed loss is not finite", [losses_t])
+        shared_ids = {id(p) for p in params}
+        jac, own, own_grads = _transform_jacobian(stacked, losses_t, shared_ids)
+        col_sums = None if jac is None else jac.sum(0)
+        done = shared_ids | {id(p) for p in own} | {id(t) for t in inputs}
+        scaled = _scaled(items, scaler)
+        scale = _scale_of(scaler)
+        # in feature mode these are the leaves reached around z (the heads): whole passes
+        stop = inputs if use_features else []
+        extra = [p for p in reachable_leaves(scaled, stop=stop) if id(p) not in done]
+        raw = _per_term(
+            scaled,
+            [*inputs, *extra],
+            n,
+            batched=mode == "batched",
+            retain_graph=retain_graph or use_features,
+            sum_weights=col_sums,
+        )
+    reached = [g is not None for g in raw[:n]]
+    stacks = [
+        torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g
+        for t, g in zip(inputs, raw[:n], strict=True)
+    ]
+    if scale is not None:
+        stacks = [g / scale.to(g.device, g.dtype) for g in stacks]
+    if jac is not None:
+        stacks = [(jac.to(g) @ g.reshape(k, -1)).view(g.shape) for g in stacks]
+    fixed = [(p, g) for p, g in zip(extra, raw[n:], strict=True) if g is not None]
+    fixed += [(p, _times(g, scale)) for p, g in zip(own, own_grads, strict=True)]
+    checks = [*stacks, *(g for _, g in fixed)] + ([] if jac is None else [jac])
+    _check_finite("gramian", "a per-term gradient is not finite", checks)
+    combined, alpha = _call_combine(balancer, stacks, losses_t.detach(), inputs, use_features)
+    combined = [_times(c, scale) for c in combined]
+    _check_finite("grads", "a combined gradient is not finite", combined)
+    if not use_features:
+        writes = [(p, c) for p, c, r in zip(params, combined, reached, strict=True) if r]
+    else:
+        # trunk leaves: all but z, the leaves reached around z (whole per-term passes
+        # already) and the transform's own
+        skip = {id(t) for t in inputs} | {id(p) for p in [*extra, *own]}
+        writes = _through_trunk(
+            inputs, raw[:n], combined, reached, skip, shared_ids, col_sums, retain_graph
+        )
+    writes += fixed
+    _check_finite("grads", "a combined gradient is not finite", [g for _, g in writes])
+    _accumulate(writes)
+    return alpha.clone()
+
+
+def _through_trunk(
+    zs: list[Tensor],
+    raw: list[Tensor | None],
+    combined: list[Tensor],
+    reached: list[bool],
+    done: set[int],
+    shared_ids: set[int],
+    col_sums: Tensor | None,
+    retain_graph: bool,
+) -> list[tuple[Tensor, Tensor]]:
+    """The trunk's gradients from the combined feature gradients: shared leaves behind z
+    get ``J_z^T combined``, other leaves behind z ``J_z^T sum_i c_i dL_i/dz``."""
+    live = [i for i, r in enumerate(reached) if r]
+    if not live:
+        _warn_unreached()
+        return []
+    outs = [zs[i] for i in live]
+    with torch.enable_grad():
+        trunk = [p for p in reachable_leaves(outs) if id(p) not in done]
+        trunk_shared = [p for p in trunk if id(p) in shared_ids]
+        trunk_extra = [p for p in trunk if id(p) not in shared_ids]
+        writes: list[tuple[Tensor, Tensor]] = []
+        if trunk_shared:
+            grads = torch.autograd.grad(
+                outs,
+                trunk_shared,
+                grad_outputs=[combined[i] for i in live],
+                retain_graph=retain_graph or bool(trunk_extra),
+                allow_unused=True,
+            )
+            writes += [(p, g) for p, g in zip(trunk_shared, grads, strict=True) if g is not None]
+        if trunk_extra:
+            stacks = [g for g in raw if g is not None]
+            c = torch.ones(stacks[0].shape[0]) if col_sums is None else col_sums
+            sums = [_combine(c, g) for g in stacks]
+            grads = torch.autograd.grad(
+                outs, trunk_extra, grad_outputs=sums, retain_graph=retain_graph, allow_unused=True
+            )
+            writes += [(p, g) for p, g in zip(trunk_extra, grads, strict=True) if g is not None]
+    return writes
+
+
+def _call_combine(
+    balancer: Balancer,
+    stacks: list[Tensor],
+    losses_t: Tensor,
+    inputs: list[Tensor],
+    features: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """``balancer.combine(...)``, validated; records ``last_weights``."""
+    name = type(balancer).__name__
+    k = balancer.num_terms
+    previous = balancer.last_weights
+    out = balancer.combine(stacks, losses_t, inputs=inputs, features=features)  # type: ignore[attr-defined,operator]
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise RuntimeError(f"{name}.combine must return (gradients, weights)")
+    combined, alpha = out
+    if len(combined) != len(inputs) or any(
+        not isinstance(c, Tensor) or c.shape != t.shape
+        for c, t in zip(combined, inputs, strict=True)
+    ):
+        raise RuntimeError(
+            f"{name}.combine must return one gradient per input tensor, of its shape"
+        )
+    if not isinstance(alpha, Tensor) or alpha.numel() != k:
+        raise RuntimeError(f"{name}.combine must return {k} weights")
+    alpha = alpha.detach().reshape(k)
+    _check_finite("weights", f"{name} returned non-finite weights", [alpha])
+    if balancer.last_weights is None or balancer.last_weights is previous:
+        balancer.last_weights = alpha.clone()
+    return [c.detach() for c in combined], alpha
 
 
 def _weigh(
