@@ -486,8 +486,9 @@ def test_backward_after_a_manual_backward_warns(make) -> None:
     kwargs = {"shared": model} if balancer.kind == "gradient" else {}
     losses = _step_losses(model, 0)
     sum(losses).backward(retain_graph=True)
-    with pytest.warns(LossBalanceWarning, match=r"loss\.backward\(\) called first"):
+    with pytest.warns(LossBalanceWarning, match=r"loss\.backward\(\) called first") as record:
         lossbalance.backward(losses, balancer, **kwargs)
+    assert record[0].filename == __file__  # points at the caller
     # and in a later step, after zero_grad, the same mistake is seen again by a new balancer
     model.zero_grad()
     losses = _step_losses(model, 1)
