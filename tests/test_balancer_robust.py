@@ -511,3 +511,12 @@ def test_accumulating_lossbalance_backward_calls_stay_silent(make, set_to_none: 
             for micro in range(3):  # three micro-batches accumulate on purpose
                 lossbalance.backward(_step_losses(model, 10 * step + micro), balancer, **kwargs)
             optimizer.step()
+
+
+@pytest.mark.parametrize("cls", [MGDA, lossbalance.MGDAClosedForm])
+def test_mgda_loss_normaliser_warns_per_balancer_instance(cls: type) -> None:
+    g = torch.eye(2, dtype=F64)
+    losses = torch.tensor([-1.0, 2.0], dtype=F64)
+    for balancer in (cls(2, normalization="loss"), cls(2, normalization="loss")):
+        with pytest.warns(LossBalanceWarning, match="zero, negative or not finite"):
+            balancer.weights(g @ g.T, losses)

@@ -359,7 +359,9 @@ def _full(k: int, support: list[int], lam: Array) -> Array:
     return alpha / alpha.sum()
 
 
-def _normalizers(diag: Array, losses: Tensor | None, normalization: str, method: str) -> Array:
+def _normalizers(
+    diag: Array, losses: Tensor | None, normalization: str, method: str, key: str
+) -> Array:
     k = diag.shape[0]
     if normalization == "none":
         return np.ones(k)
@@ -376,7 +378,7 @@ def _normalizers(diag: Array, losses: Tensor | None, normalization: str, method:
     bad = ~(np.isfinite(scale) & (scale > _TINY))
     if bad.any():
         warn_once(
-            f"{method}:normalizer",
+            key,
             f"{method}: the {normalization!r} normaliser of term(s) "
             f"{np.flatnonzero(bad).tolist()} is zero, negative or not finite; using 1 there",
             stacklevel=4,
@@ -395,6 +397,7 @@ def _solve_mgda(
     tol: float,
     max_iter: int,
     method: str,
+    normalizer_key: str | None = None,
 ) -> Tensor:
     m = gramian_to_numpy(gram)
     k = m.shape[0]
@@ -402,7 +405,9 @@ def _solve_mgda(
     warn_degenerate(method, diag)
     if k == 1:
         return to_weights(np.ones(1), gram)
-    scale = _normalizers(diag, losses, normalization, method)
+    # a bad loss normaliser is a condition of one balancer's losses: its own warning key
+    key = f"{method}:normalizer" if normalizer_key is None else normalizer_key
+    scale = _normalizers(diag, losses, normalization, method, key)
     m = m / np.outer(scale, scale)
     top = float(np.diag(m).max())
     if top <= _TINY:
@@ -666,6 +671,7 @@ class MGDA(GradientBalancer):
             tol=self.tol,
             max_iter=self.max_iter,
             method="mgda",
+            normalizer_key=self._warning_key("mgda:normalizer"),
         )
         return self._record(alpha)
 
@@ -711,6 +717,7 @@ class MGDAClosedForm(GradientBalancer):
             tol=1.0,
             max_iter=1,
             method="mgda-closed-form",
+            normalizer_key=self._warning_key("mgda-closed-form:normalizer"),
         )
         return self._record(alpha)
 
