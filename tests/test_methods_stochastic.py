@@ -24,7 +24,7 @@ from torch import nn
 
 import lossbalance
 from lossbalance._dbmtl import DBMTL, db_mtl_step
-from lossbalance._graddrop import GradDrop
+from lossbalance._graddrop import GradDrop, graddrop
 from lossbalance._gradvac import GradVac, gradvac_weights
 from lossbalance._moco import MoCo
 from lossbalance._modo import MoDo
@@ -532,3 +532,60 @@ def test_modo_and_sdmgrad_validate() -> None:
         MoDo(2).update(torch.full((2, 2), math.nan))
     with pytest.raises(ValueError, match="built for 2 loss terms"):
         SDMGrad(2).update(torch.eye(3))
+
+
+# --------------------------------------------------------------------------- the engine path
+
+
+def _moco_run(mode: str, scaler: torch.amp.GradScaler | None = None) -> tuple[list, MoCo]:
+    net = Net(2)
+    balancer = MoCo(2)
+    for step in range(2):
+        net.zero_grad()
+        lossbalance.backward(
+            net.losses(_batch(step)), balancer, shared=net.trunk, mode=mode, grad_scaler=scaler
+        )
+    return [p.grad.clone() for p in net.parameters()], balancer
+
+
+def test_vector_path_batched_and_grad_scaler_agree_with_exact() -> None:
+    exact, a = _moco_run("exact")
+    batched, b = _moco_run("batched")
+    for g, h in zip(exact, batched, strict=True):
+        torch.testing.assert_close(g, h)
+    torch.testing.assert_close(a.y, b.y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled, c = _moco_run("exact", scaler)
+    # .grad holds the scaled gradients (as scaler.scale(loss).backward()); the state is
+    # that of the unscaled run
+    for g, h in zip(exact, scaled, strict=True):
+        torch.testing.assert_close(h / 1024.0, g)
+    torch.testing.assert_close(c.y, a.y)
+    torch.testing.assert_close(c.lam, a.lam)
+
+
+def test_vector_path_skips_a_non_finite_loss_without_touching_the_state() -> None:
+    net = Net(2)
+    balancer = MoCo(2)
+    lossbalance.backward(net.losses(_batch(0)), balancer, shared=net.trunk)
+    y, lam, step = balancer.y.clone(), balancer.lam.clone(), int(balancer.step)
+    net.zero_grad()
+    losses = net.losses(_batch(1))
+    with pytest.warns(lossbalance.LossBalanceWarning, match="not finite"):
+        w = lossbalance.backward([losses[0] * math.nan, losses[1]], balancer, shared=net.trunk)
+    assert bool(w.isnan().all())
+    assert all(p.grad is None for p in net.parameters())
+    assert torch.equal(balancer.y, y) and torch.equal(balancer.lam, lam)
+    assert int(balancer.step) == step
+
+
+def test_graddrop_in_exact_mode_through_backward() -> None:
+    net = Net(3)
+    x = _batch(9)
+    shared = list(net.trunk.parameters())
+    losses = net.losses(x)
+    stacks = [_per_term(losses, [p]) for p in shared]
+    lossbalance.backward(losses, GradDrop(3, seed=8), shared=net.trunk, mode="exact")
+    gen = torch.Generator().manual_seed(8)
+    expected = [graddrop(s, torch.rand(s.shape[1:], generator=gen, dtype=F64))[0] for s in stacks]
+    torch.testing.assert_close(_grads(shared), torch.cat(expected))
