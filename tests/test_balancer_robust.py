@@ -520,3 +520,15 @@ def test_mgda_loss_normaliser_warns_per_balancer_instance(cls: type) -> None:
     for balancer in (cls(2, normalization="loss"), cls(2, normalization="loss")):
         with pytest.warns(LossBalanceWarning, match="zero, negative or not finite"):
             balancer.weights(g @ g.T, losses)
+
+
+def test_gradnorm_loss_conditions_warn_per_balancer_instance() -> None:
+    g = torch.eye(2, dtype=F64)
+    for balancer in (lossbalance.GradNorm(2), lossbalance.GradNorm(2)):
+        with pytest.warns(LossBalanceWarning, match="initial loss"):
+            balancer.weights(g @ g.T, torch.tensor([-1.0, 2.0], dtype=F64))
+    for balancer in (lossbalance.GradNorm(2), lossbalance.GradNorm(2)):
+        with torch.no_grad():
+            balancer.task_weights.fill_(-1.0)
+        with pytest.warns(LossBalanceWarning, match="resetting them to 1"):
+            balancer.weights(g @ g.T, torch.ones(2, dtype=F64))

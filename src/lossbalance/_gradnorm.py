@@ -108,9 +108,18 @@ class GradNormalization(GradientBalancer):
 
 
 def _inverse_training_rates(
-    losses: Tensor | None, initial_losses: Tensor | None, k: int, method: str
+    losses: Tensor | None,
+    initial_losses: Tensor | None,
+    k: int,
+    method: str,
+    key: str | None = None,
 ) -> Tensor:
-    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)), float64 on the CPU."""
+    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)), float64 on the CPU.
+
+    ``key`` prefixes the once-only warning keys (``method`` by default); a balancer passes
+    its own, since bad losses are a condition of that balancer's terms.
+    """
+    key = method if key is None else key
     if losses is None:
         return torch.ones(k, dtype=torch.float64)
     ratio = losses.clone()
@@ -118,7 +127,7 @@ def _inverse_training_rates(
         valid = torch.isfinite(initial_losses) & (initial_losses > 0)
         if not bool(valid.all()):
             warn_once(
-                f"{method}:initial-loss",
+                f"{key}:initial-loss",
                 f"{method}: initial loss(es) of term(s) "
                 f"{torch.nonzero(~valid).flatten().tolist()} are zero, negative or not "
                 "finite; their training rate is taken as 1",
@@ -128,7 +137,7 @@ def _inverse_training_rates(
     mean = ratio.mean()
     if not bool(torch.isfinite(mean) & (mean > 0)):
         warn_once(
-            f"{method}:training-rate",
+            f"{key}:training-rate",
             f"{method}: the mean loss ratio is {float(mean)}, so the inverse training rates "
             "are undefined; using equal rates",
             stacklevel=4,
@@ -276,7 +285,7 @@ class GradNorm(GradientBalancer):
         total = w.sum()
         if not bool(torch.isfinite(total) & (total > 0)):
             warn_once(
-                "gradnorm:weights-reset",
+                self._warning_key("gradnorm:weights-reset"),
                 f"gradnorm: the task weights sum to {float(total)}; resetting them to 1 "
                 "(is the learning rate of the task weights too large?)",
                 stacklevel=4,
@@ -298,7 +307,11 @@ class GradNorm(GradientBalancer):
         warn_degenerate("gradnorm", diag.cpu().numpy())
         norms = diag.clamp(min=0.0).sqrt()
         rates = _inverse_training_rates(
-            current.cpu(), self.initial_losses.cpu(), self.num_terms, "gradnorm"
+            current.cpu(),
+            self.initial_losses.cpu(),
+            self.num_terms,
+            "gradnorm",
+            self._warning_key("gradnorm"),
         ).to(norms.device)
         w = self.task_weights
         with torch.enable_grad():
@@ -309,7 +322,7 @@ class GradNorm(GradientBalancer):
                 torch.autograd.backward(grad_loss, inputs=[w])
             else:
                 warn_once(
-                    "gradnorm:non-finite",
+                    self._warning_key("gradnorm:non-finite"),
                     "gradnorm: L_grad is not finite (non-finite losses or gradients); "
                     "the task weights get no gradient this step",
                     stacklevel=3,
