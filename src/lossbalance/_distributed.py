@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["all_reduce_mean", "check_layout", "layout_of", "resolve_group", "world_size"]
+__all__ = [
+    "all_reduce_mean",
+    "all_reduce_mean_and_sum",
+    "check_layout",
+    "layout_of",
+    "resolve_group",
+    "world_size",
+]
 
 # Entries of a layout signature, padded to a fixed length so that ranks on different paths
 # still send equal-sized tensors; the first entry names the path (``PATHS``).
@@ -94,8 +101,22 @@ def all_reduce_mean(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
         The averages, with the shapes, dtypes and devices of ``tensors`` (views of the
         reduced buffer where no conversion was needed).
     """
+    return all_reduce_mean_and_sum(tensors, (), group)[0]
+
+
+def all_reduce_mean_and_sum(
+    means: Sequence[Tensor], sums: Sequence[Tensor], group: Any
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Average ``means`` and sum ``sums`` over the ranks of ``group`` in one ``all_reduce``.
+
+    As :func:`all_reduce_mean` (one flat buffer, float64 if any tensor is float64), with
+    ``sums`` in the same buffer but not divided by the world size: for quantities that are
+    partial on each rank, such as the squared norms of the local shards of a sharded
+    parameter (FSDP), whose sum over the ranks is the squared norm of the whole tensor.
+    """
+    tensors = [*means, *sums]
     if not tensors:
-        return []
+        return [], []
     for t in tensors:
         if not t.is_floating_point():
             raise TypeError(f"all_reduce_mean takes floating-point tensors, got {t.dtype}")
@@ -103,14 +124,15 @@ def all_reduce_mean(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     flat = torch.cat([t.detach().reshape(-1).to(home, dtype) for t in tensors])
     torch.distributed.all_reduce(flat, group=group)
-    flat.div_(world_size(group))
+    split = sum(t.numel() for t in means)
+    flat[:split].div_(world_size(group))
     out = []
     offset = 0
     for t in tensors:
         n = t.numel()
         out.append(flat[offset : offset + n].view(t.shape).to(t.device, t.dtype))
         offset += n
-    return out
+    return out[: len(means)], out[len(means) :]
 
 
 def layout_of(tensors: Sequence[Tensor]) -> tuple[int, int, int]:

@@ -9,8 +9,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lossbalance._distributed import all_reduce_mean, check_layout, layout_of, resolve_group
+from lossbalance._distributed import (
+    all_reduce_mean_and_sum,
+    check_layout,
+    layout_of,
+    resolve_group,
+)
 from lossbalance._engine import GRAD_MODES, term_grads
+from lossbalance._fused import fused_available, fused_update
+from lossbalance._fsdp import is_sharded, local, per_term_backward, shard_like, sharded_zeros
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import (
     as_loss_list,
@@ -158,6 +165,15 @@ class MTAdam(Optimizer):
             step is applied with zero weights instead of being branched on. ``None``
             (default) means on accelerators; on the CPU reading the flag costs nothing, so
             a bad step returns early there.
+        fused: run the element-wise update as one ``torch.compile`` region per (device,
+            dtype) (:mod:`lossbalance._fused`: a few Triton kernels on CUDA instead of
+            about a hundred launches). ``False`` (default): the multi-tensor path;
+            ``True``: compiled wherever torch.compile works (Triton on CUDA, inductor's
+            C++ on the CPU, where the multi-tensor path is as fast); ``None``: on CUDA
+            where Triton is available. Opt-in until it has been measured on a GPU
+            (it is tested on the CPU only). The first step compiles (seconds); a bucket
+            that fails to compile warns once and takes the multi-tensor path. Equal to
+            it up to float rounding.
         max_grad_norm: clip the global norm of the balanced gradient to this value
             (``> 0``; default ``None``, no clipping), see "Clipping" above. A param-group
             option (saved in ``state_dict``'s ``param_groups``); groups with different
@@ -226,6 +242,7 @@ class MTAdam(Optimizer):
         grad_mode: str = "auto",
         process_group: Any = "auto",
         sync_free: bool | None = None,
+        fused: bool | None = False,
         max_grad_norm: float | None = None,
         keep_stacks: bool = True,
     ) -> None:
@@ -259,7 +276,10 @@ class MTAdam(Optimizer):
         self.grad_mode = grad_mode
         self._resolved_grad_mode: str | None = None
         self.process_group = process_group
+        if fused not in (None, True, False):
+            raise TypeError(f"Invalid fused: {fused!r} (expected None, True or False)")
         self.sync_free = sync_free
+        self.fused = fused
         self.keep_stacks = keep_stacks
         # None: the relative, dtype-aware pass-through rule of the class docstring
         self.threshold: float | None = None
@@ -284,6 +304,13 @@ class MTAdam(Optimizer):
             max_grad_norm=max_grad_norm,
         )
         super().__init__(params, defaults)
+        if fused:
+            for device in {p.device for g in self.param_groups for p in g["params"]}:
+                if not fused_available(device):
+                    raise RuntimeError(
+                        f"MTAdam(fused=True) cannot compile for {device} (torch.compile "
+                        "unsupported here, or no Triton for CUDA): use fused=None"
+                    )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # Accept (name, tensor) pairs on every torch version: names drive grouping="module".
@@ -333,6 +360,25 @@ class MTAdam(Optimizer):
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ public API
+
+    def init_state(self, num_terms: int) -> None:
+        """Allocate the state of every parameter for ``num_terms`` terms, as a first step
+        would before its update (zero moments and magnitudes, step 0): nothing else
+        changes, and the next step runs as on a fresh optimizer.
+
+        For loading a checkpoint in place: ``torch.distributed.checkpoint.load`` fills the
+        tensors that ``state_dict()`` lists, and ``set_optimizer_state_dict`` would else
+        initialise the state with a ``step()`` without losses, which MTAdam cannot take.
+        Call it on the fresh optimizer before either; parameters that are sharded
+        (``fully_shard``) get sharded state.
+        """
+        if not isinstance(num_terms, int) or num_terms < 1:
+            raise ValueError(f"Invalid num_terms: {num_terms!r} (expected an int >= 1)")
+        self._check_num_terms(num_terms)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._init_state(p, num_terms)
 
     @property
     def skipped_steps(self) -> int:
@@ -485,10 +531,19 @@ class MTAdam(Optimizer):
         # which costs a few % of the step. Not while accumulating (the first micro-batch's
         # stacks are then the accumulators), and not on accelerators (caching allocators).
         reuse = self.keep_stacks and not self._accum and all(p.device.type == "cpu" for p in params)
-        grads = term_grads(
-            items, params, mode=mode, out=[self._stacks.get(p) for p in params] if reuse else None
-        )
-        if mode == "auto":
+        sharded = any(is_sharded(p) for p in params)
+        if sharded:
+            # FSDP2: the sharded parameters are not in the autograd graph (see _fsdp)
+            grads = per_term_backward(items, params)
+            reuse = False
+        else:
+            grads = term_grads(
+                items,
+                params,
+                mode=mode,
+                out=[self._stacks.get(p) for p in params] if reuse else None,
+            )
+        if mode == "auto" and not sharded:
             # remember what auto chose (saved in state_dict, so that a resumed run in
             # another process computes the per-term gradients the same way)
             self._resolved_grad_mode = _resolved_auto_mode(params, len(items))
@@ -740,8 +795,15 @@ class MTAdam(Optimizer):
                 raise ValueError(
                     f"{where}: {key} has shape {tuple(value.shape)} (expected {shapes[key]}{hint})"
                 )
-            value = value.to(p.device, want, copy=True, memory_format=torch.contiguous_format)
-            value = value.reshape(shapes[key])
+            if is_sharded(p) and key in ("exp_avg", "exp_avg_sq"):
+                # sharded like the parameter, whether saved sharded (any layout) or whole
+                prefix = shapes[key][: len(shapes[key]) - p.dim()]
+                value = shard_like(value, sharded_zeros(p, prefix, want))
+            else:
+                value = value.to(
+                    local(p).device, want, copy=True, memory_format=torch.contiguous_format
+                )
+                value = value.reshape(shapes[key])
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"{where}: {key} is not finite (NaN or inf)")
             if key != "exp_avg" and bool((_real(value) < 0).any()):
@@ -768,6 +830,7 @@ class MTAdam(Optimizer):
             f"    magnitude_init: {self.magnitude_init}\n"
             f"    grad_mode: {self.grad_mode}\n"
             f"    sync_free: {self.sync_free}\n"
+            f"    fused: {self.fused}\n"
             f"    keep_stacks: {self.keep_stacks}\n"
         )
         head, _, rest = text.partition("\n")
@@ -799,12 +862,15 @@ class MTAdam(Optimizer):
         if len(state) == 0:
             dt = _state_dtype(p)
             shapes = self._state_shapes(p, num)
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros(shapes["exp_avg"], dtype=dt, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shapes["exp_avg_sq"], dtype=dt, device=p.device)
+            home = local(p).device
+            state["step"] = torch.zeros((), dtype=torch.float32, device=home)
+            # a sharded parameter's moments are sharded like it (DTensors, see _fsdp)
+            for key in ("exp_avg", "exp_avg_sq"):
+                prefix = shapes[key][: len(shapes[key]) - p.dim()]
+                state[key] = sharded_zeros(p, prefix, dt)
             fill = 1.0 if self.magnitude_init == "one" else 0.0
             # complex parameters: complex moments (as torch.optim.Adam), real magnitudes
-            state["magnitude"] = torch.full((num,), fill, dtype=dt.to_real(), device=p.device)
+            state["magnitude"] = torch.full((num,), fill, dtype=dt.to_real(), device=home)
         return state
 
     def _apply(
@@ -815,14 +881,17 @@ class MTAdam(Optimizer):
             self._flush_pending()
         num = self.num_terms
         group = resolve_group(self.process_group)
+        full_norms: dict[Tensor, Tensor] = {}
+        if stacked and any(is_sharded(p) for p in stacked):
+            self._check_sharded(group)
         if group is not None and num is not None:
-            stacked, loss_vec = self._all_reduce(stacked, loss_vec, num, group)
+            stacked, loss_vec, full_norms = self._all_reduce(stacked, loss_vec, num, group)
         if not stacked:
             return None
         assert num is not None
         groups = [[p for p in g["params"] if p in stacked] for g in self.param_groups]
         params = [p for ps in groups for p in ps]
-        home = params[0].device
+        home = local(params[0]).device
         # One contiguous (I, *shape) block per parameter, whatever the caller's strides; a
         # complex parameter is updated as a view of real, as torch.optim.Adam does.
         grads = {
@@ -833,7 +902,10 @@ class MTAdam(Optimizer):
         # here, and good steps skip the masking that keeps accelerator steps sync-free.
         masked = self.sync_free if self.sync_free is not None else home.type != "cpu"
         norms = _layer_norms(
-            [grads[p] for p in params], self._layer_index(params, home), read_host=not masked
+            [grads[p] for p in params],
+            self._layer_index(params, home),
+            read_host=not masked,
+            rows={k: full_norms[p] for k, p in enumerate(params) if p in full_norms},
         )
         finite = torch.isfinite(norms).all()
         quiet = None
@@ -849,6 +921,9 @@ class MTAdam(Optimizer):
             self._record_finite(finite, masked, quiet=quiet)
             return finite
         weights = self._term_weight_tensor(home)
+        fused = self.fused
+        if fused is None:
+            fused = home.type == "cuda" and fused_available(home)
         states = {p: self._init_state(p, num) for p in params}
         clips = self._clip_coefficients(
             groups, grads, states, norms, finite, weights, read_host=not masked
@@ -858,11 +933,12 @@ class MTAdam(Optimizer):
             if not ps:
                 continue
             beta1, beta2, beta3 = group["betas"]
+            # a sharded parameter and its moments are updated through their local shards
             mtadam(
-                [_real(p) for p in ps],
+                [_real(local(p)) for p in ps],
                 [grads[p] for p in ps],
-                [_real(states[p]["exp_avg"]) for p in ps],
-                [_real(states[p]["exp_avg_sq"]) for p in ps],
+                [_real(local(states[p]["exp_avg"])) for p in ps],
+                [_real(local(states[p]["exp_avg_sq"])) for p in ps],
                 [states[p]["magnitude"] for p in ps],
                 [states[p]["step"] for p in ps],
                 lr=group["lr"],
@@ -881,6 +957,7 @@ class MTAdam(Optimizer):
                 finite=finite,
                 masked=masked,
                 clip=clip,
+                fused=fused,
             )
             start += len(ps)
         self._record_finite(finite, masked, capturing, quiet=quiet)
@@ -958,9 +1035,30 @@ class MTAdam(Optimizer):
                 "would be allocated and zeroed inside the graph, and reset at every replay"
             )
 
+    def _check_sharded(self, group: Any) -> None:
+        """Refuse what the sharded (FSDP2) path cannot do right."""
+        if any(g.get("max_grad_norm") is not None for g in self.param_groups):
+            raise ValueError(
+                "MTAdam(max_grad_norm=...) is not supported on sharded (fully_shard) "
+                "parameters yet: its global norm would need a second collective"
+            )
+        if group is None:
+            mesh = next(
+                p.device_mesh  # type: ignore[attr-defined]
+                for g in self.param_groups
+                for p in g["params"]
+                if is_sharded(p)
+            )
+            if mesh.size() > 1:
+                raise ValueError(
+                    "MTAdam on sharded (fully_shard) parameters needs the process group of "
+                    "their mesh: a layer's magnitude sums the ranks' shards (got "
+                    f"process_group={self.process_group!r}; pass 'auto' or the mesh's group)"
+                )
+
     def _all_reduce(
         self, stacked: dict[Tensor, Tensor], loss_vec: Tensor | None, num: int, group: Any
-    ) -> tuple[dict[Tensor, Tensor], Tensor]:
+    ) -> tuple[dict[Tensor, Tensor], Tensor, dict[Tensor, Tensor]]:
         """Average per-term gradients and losses over the ranks in one collective.
 
         Every parameter that requires grad takes part, zeros where no term reached it on
@@ -977,9 +1075,14 @@ class MTAdam(Optimizer):
         sync-free. Before the all-reduce, :func:`check_layout` (one all-gather of 8
         integers) compares the number of terms and the parameters' count and sizes: ranks
         that differ raise the same error instead of aborting in gloo.
+
+        Sharded (FSDP2) parameters arrive averaged by FSDP's reduce-scatter as local
+        shards: they are not averaged again; the squared norms of their shards, per term,
+        are summed in the same collective instead, and returned as the ``(I,)`` float64
+        norms of the whole tensors.
         """
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        home = params[0].device if params else torch.device("cpu")
+        home = local(params[0]).device if params else torch.device("cpu")
         count, elements, order = layout_of(params)
         check_layout(
             "MTAdam.step",
@@ -997,15 +1100,31 @@ class MTAdam(Optimizer):
         grads = [
             stacked[p].to(_state_dtype(p))
             if hit
-            else torch.zeros((num, *p.shape), dtype=_state_dtype(p), device=p.device)
+            else torch.zeros((num, *local(p).shape), dtype=_state_dtype(p), device=home)
             for p, hit in zip(params, reached, strict=True)
         ]
+        sharded = [is_sharded(p) for p in params]
         if loss_vec is None:
             loss_vec = torch.zeros(num, device=home)
         flags = torch.tensor(reached, dtype=torch.float32).to(home)
-        *averaged, losses, hits = all_reduce_mean([*grads, loss_vec, flags], group)
+        plain = [g for g, s in zip(grads, sharded) if not s]
+        shards = [_real(g) for g, s in zip(grads, sharded) if s]
+        squares = [_layer_norms(shards, None, read_host=True).square()] if shards else []
+        (*averaged, losses, hits), summed = all_reduce_mean_and_sum(
+            [*plain, loss_vec, flags], squares, group
+        )
         keep = reached if all(reached) else [h > 0 for h in hits.tolist()]
-        return {p: g for p, g, k in zip(params, averaged, keep, strict=True) if k}, losses
+        out, full = {}, {}
+        rows = iter(averaged)
+        sharded_norms = iter(summed[0].sqrt().unbind(0)) if shards else iter(())
+        for p, g, k, s in zip(params, grads, keep, sharded, strict=True):
+            g = g if s else next(rows)
+            norm = next(sharded_norms) if s else None
+            if k:
+                out[p] = g
+                if norm is not None:
+                    full[p] = norm
+        return out, losses, full
 
     def _layer_index(self, params: list[Tensor], home: torch.device) -> Tensor | None:
         """Layer id of each parameter (cached), or None when each tensor is a layer."""
@@ -1224,12 +1343,18 @@ def _norms(tensors: list[Tensor], read_host: bool) -> Tensor:
 
 
 def _layer_norms(
-    grads: list[Tensor], layer_index: Tensor | None, *, read_host: bool = False
+    grads: list[Tensor],
+    layer_index: Tensor | None,
+    *,
+    read_host: bool = False,
+    rows: Mapping[int, Tensor] | None = None,
 ) -> Tensor:
     """(P, I) float64 magnitudes ||g_{i,l}|| of each parameter's layer, per term.
 
     One ``_foreach_norm`` over the per-term views of all tensors of a (device, dtype)
-    (see :func:`_norms` for the overflow guard).
+    (see :func:`_norms` for the overflow guard). ``rows`` replaces the measured ``(I,)``
+    norms of some tensors before they are grouped into layers (the whole-tensor norms of
+    sharded parameters, of which ``grads`` holds only the local shards).
     """
     home = grads[0].device
     num = grads[0].shape[0]
@@ -1240,6 +1365,10 @@ def _layer_norms(
         norms = _norms(terms, read_host).view(len(idx), num)
         blocks.append(norms.to(home, torch.float64))
     norms = _in_order(blocks, buckets)
+    if rows:
+        norms = norms.clone()
+        for k, row in rows.items():
+            norms[k] = row.to(home, torch.float64)
     if layer_index is None:
         return norms
     sq = torch.zeros((len(grads), num), dtype=torch.float64, device=home)
@@ -1311,6 +1440,7 @@ def mtadam(
     finite: Tensor | None = None,
     masked: bool = True,
     clip: Tensor | None = None,
+    fused: bool = False,
 ) -> Tensor:
     """Functional MTAdam update of one parameter group (math in :class:`MTAdam`), in place.
 
@@ -1345,6 +1475,9 @@ def mtadam(
             are skipped.
         clip: optional 0-dim float64 factor that multiplies every balanced gradient before
             the moments (``MTAdam(max_grad_norm=...)``'s clip coefficient).
+        fused: run each bucket's element-wise update compiled
+            (:func:`lossbalance._fused.fused_update`); a bucket that cannot be compiled
+            takes the multi-tensor path.
 
     Returns:
         The 0-dim bool ``finite`` flag. No host synchronisation happens.
@@ -1410,6 +1543,24 @@ def mtadam(
         gs = [grads[k] for k in idx]
         ms = [exp_avgs[k] for k in idx]
         vs = [exp_avg_sqs[k] for k in idx]
+        if fused and fused_update(
+            ps,
+            gs,
+            ms,
+            vs,
+            [magnitudes[k] for k in idx],
+            [steps[k] for k in idx],
+            tab,
+            finite.to(dev),
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            second_moment=second_moment,
+            masked=masked,
+        ):
+            continue
         rate1, decay2, shrink, skipped = tab[0, 2 * num + 2 :].unbind(0)
         torch._foreach_copy_([magnitudes[k] for k in idx], tab[:, num : 2 * num].unbind(0))
         torch._foreach_add_([steps[k] for k in idx], [finite.to(dev, torch.float32)] * len(idx))
