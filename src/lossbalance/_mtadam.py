@@ -16,8 +16,8 @@ from lossbalance._distributed import (
     resolve_group,
 )
 from lossbalance._engine import GRAD_MODES, term_grads
-from lossbalance._fused import fused_available, fused_update
 from lossbalance._fsdp import is_sharded, local, per_term_backward, shard_like, sharded_zeros
+from lossbalance._fused import fused_available, fused_update
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import (
     as_loss_list,
@@ -105,6 +105,15 @@ class MTAdam(Optimizer):
     not state (not in ``state_dict``). ``keep_stacks=False`` frees them after every step
     (for a model whose :math:`I|\theta|` does not fit twice), :meth:`release_buffers` frees
     them once (e.g. before evaluation); the next step allocates them again.
+
+    FSDP2 (``fully_shard``): sharded parameters get their per-term gradients from one
+    ``backward()`` per term, which FSDP reduce-scatters (their sharded ``.grad`` is used and
+    restored); their moments are ``DTensor``\ s sharded like them, so each rank holds
+    :math:`(I + 1)|\theta| / R` elements plus the magnitudes; a layer's magnitude is the
+    norm of the whole layer, from the shards' squared norms summed in the step's one
+    all-reduce. Parameters left out of ``fully_shard`` are averaged as under DDP. Save with
+    ``torch.distributed.checkpoint`` (or ``get_optimizer_state_dict``); to load into a fresh
+    optimizer, call :meth:`init_state` first. ``max_grad_norm`` is refused there.
 
     Gradient accumulation: :meth:`accumulate` adds a micro-batch's per-term gradients, the
     next :meth:`step` applies the sums. :meth:`zero_grad` and :meth:`load_state_dict` drop
@@ -476,6 +485,7 @@ class MTAdam(Optimizer):
             _report_to_scaler(grad_scaler, self, finite)
         return result
 
+    @torch.compiler.disable
     @torch.no_grad()
     def accumulate(
         self,
@@ -567,6 +577,7 @@ class MTAdam(Optimizer):
         else:
             self._accum_losses = self._accum_losses + loss_vec.to(self._accum_losses.device)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step_with_grads(
         self,
