@@ -171,3 +171,27 @@ def test_backward_runs_eagerly_under_a_compiled_caller():
         assert torch.isfinite(step(x)).all()
     assert seen == [False] * STEPS
     assert counter.frame_count <= 2  # the forward, and what follows the call
+
+
+def test_accumulate_and_step_with_grads_run_eagerly_under_a_compiled_caller():
+    # like step(): the per-term passes cannot be traced, so a compiled caller graph-breaks
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    twin = torch.nn.Linear(3, 2)
+    twin.load_state_dict(model.state_dict())
+    opts = [lossbalance.MTAdam(m.parameters(), lr=1e-2) for m in (model, twin)]
+    x = torch.randn(4, 3)
+
+    def micro_batches(m: torch.nn.Module, opt: lossbalance.MTAdam) -> None:
+        for part in x.split(2):
+            out = m(part)
+            opt.accumulate([out[:, 0].pow(2).mean() / 2, out[:, 1].abs().mean() / 2])
+
+    for _ in range(2):
+        torch.compile(micro_batches)(model, opts[0])
+        opts[0].step()
+        micro_batches(twin, opts[1])
+        opts[1].step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

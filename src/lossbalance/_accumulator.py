@@ -123,6 +123,7 @@ class Accumulator:
         """Micro-batches accumulated since the last :meth:`backward` (or :meth:`reset`)."""
         return 0 if self._sums is None else self._sums.count
 
+    @torch.compiler.disable
     def accumulate(
         self,
         losses: Sequence[Tensor] | Mapping[str, Tensor] | Tensor,
@@ -152,6 +153,7 @@ class Accumulator:
         zs = as_features(features) if sums.mode == "feature" else []
         sums.add(items, zs, retain_graph, self._scaler)
 
+    @torch.compiler.disable
     def backward(self) -> Tensor:
         """Balance the accumulated per-term gradients once and write ``.grad``.
 
