@@ -658,28 +658,6 @@ def _exact(
     return TermStep(gram, fixed, finish)
 
 
-class _NoDoubleBackward(RuntimeError):
-    pass
-
-
-def _check_double_backward(gram: Tensor, norms: Tensor, dtype: torch.dtype) -> None:
-    """The diagonal must be the squared norms ||g_i||^2 computed directly, and the matrix
-    symmetric; a cut double-backward path (see ``_gramian_only``) breaks one or the other."""
-    rtol = {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 5e-2)
-    diag = gram.diagonal()
-    if not torch.isfinite(gram).all() or not torch.isfinite(norms).all():
-        return  # the caller reports non-finite gradients
-    scale = torch.sqrt(norms.clamp_min(0)[:, None] * norms.clamp_min(0)[None, :])
-    tiny = torch.finfo(dtype).tiny
-    bad_diag = (diag - norms).abs() > rtol * norms + tiny
-    bad_sym = (gram - gram.T).abs() > rtol * scale + tiny
-    if bool(bad_diag.any() | bad_sym.any()):
-        raise _NoDoubleBackward(
-            "the double-backward Gramian does not match the per-term gradient norms (an "
-            "operation on the path has no double backward)"
-        )
-
-
 def _gramian_only(
     losses: Sequence[Tensor],
     shared: Sequence[Tensor],
@@ -687,47 +665,12 @@ def _gramian_only(
     retain_graph: bool,
     extra_weights: Tensor | None,
 ) -> TermStep:
-    # v(w) = J^T w is linear in w; with w = e_i its value is g_i, and the gradient of
-    # <v(w), g_i> with respect to w is J g_i, column i of the Gramian. Each iteration keeps
-    # one gradient copy and the graph of one double backward, freed before the next.
-    k = len(losses)
-    n = len(shared)
+    # the Gramian layer by layer from the saved inputs and the K output gradients
+    # (lossbalance._autogram); the shared parameters' gradient is one weighted backward
+    from lossbalance._autogram import autogram  # _autogram is independent of this module
+
     stacked = torch.stack([loss.reshape(()) for loss in losses])
-    inputs = [*shared, *extra]
-    gram = torch.zeros(k, k, dtype=torch.float64, device=_acc_device(stacked))
-    norms = torch.zeros(k, dtype=torch.float64, device=gram.device)
-    coef = None if extra_weights is None else extra_weights.detach().cpu().tolist()
-    sums: list[Tensor | None] = [None] * len(extra)
-    for i in range(k):
-        w = torch.zeros(k, dtype=stacked.dtype, device=stacked.device)
-        w[i] = 1.0
-        w.requires_grad_()
-        vs = torch.autograd.grad(
-            stacked, inputs, grad_outputs=w, create_graph=True, allow_unused=True
-        )
-        for j, v in enumerate(vs[n:]):
-            if v is not None:
-                _check_dense(v, n + j)
-                v = v.detach() if coef is None else v.detach() * coef[i]
-                acc = sums[j]
-                sums[j] = v.clone() if acc is None else acc.add_(v)
-        v_shared = [v for v in vs[:n] if v is not None]
-        del vs
-        for j, v in enumerate(v_shared):
-            _check_dense(v, j)
-            norms[i] += v.detach().to(torch.float64).square().sum().to(norms.device)
-        # an operation without double backward (@once_differentiable, some custom or fused
-        # kernels) cuts the path from v to w: its share of the column silently reads 0
-        v_diff = [v for v in v_shared if v.requires_grad]
-        if v_diff:
-            (col,) = torch.autograd.grad(
-                v_diff, w, grad_outputs=[v.detach() for v in v_diff], allow_unused=True
-            )
-            if col is not None:
-                gram[:, i] = col.detach().to(device=gram.device, dtype=torch.float64)
-        del v_shared, v_diff
-    _check_double_backward(gram, norms, stacked.dtype)
-    gram = (gram + gram.T) / 2
+    gram, sums, _ = autogram(list(losses), list(shared), list(extra), extra_weights)
     fixed = [(p, g) for p, g in zip(extra, sums, strict=True) if g is not None]
 
     def finish(beta: Tensor) -> list[tuple[Tensor, Tensor]]:
