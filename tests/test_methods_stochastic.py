@@ -589,3 +589,26 @@ def test_graddrop_in_exact_mode_through_backward() -> None:
     gen = torch.Generator().manual_seed(8)
     expected = [graddrop(s, torch.rand(s.shape[1:], generator=gen, dtype=F64))[0] for s in stacks]
     torch.testing.assert_close(_grads(shared), torch.cat(expected))
+
+
+def test_degenerate_inputs_stay_finite() -> None:
+    m = torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, 2.0]], dtype=F64)  # a zero row, duplicates
+    with pytest.warns(lossbalance.LossBalanceWarning, match="zero gradient"):
+        alpha, targets = gradvac_weights(m, torch.full((3, 3), 0.5, dtype=F64))
+    assert bool(torch.isfinite(alpha).all() and torch.isfinite(targets).all())
+    assert float(targets[0, 1]) == 0.5  # a pair with a zero gradient keeps its target
+    with pytest.warns(lossbalance.LossBalanceWarning, match="only one loss term"):
+        alpha, _ = gradvac_weights(m[:1], torch.zeros(1, 1, dtype=F64))
+    torch.testing.assert_close(alpha, torch.ones(1, dtype=F64))
+    inputs = [torch.zeros(2, dtype=F64)]
+    for balancer in (MoCo(3), DBMTL(3), GradDrop(3, seed=0)):
+        (out,), w = balancer.combine([m], torch.ones(3), inputs=inputs, features=False)
+        assert bool(torch.isfinite(out).all() and torch.isfinite(w).all())
+    (out,), _ = GradDrop(1, seed=0).combine([m[:1]], torch.ones(1), inputs=inputs, features=False)
+    torch.testing.assert_close(out, m[0])
+    net = Net(2)
+    losses = net.losses(_batch(0))
+    with pytest.warns(lossbalance.LossBalanceWarning, match="not finite"):
+        with pytest.warns(lossbalance.LossBalanceWarning, match="positive losses"):
+            w = lossbalance.backward([losses[0], losses[1] * -1.0], DBMTL(2), shared=net.trunk)
+    assert bool(w.isnan().all())

@@ -119,7 +119,9 @@ def cross_gramian(
     a single batch's Gramian is not; MoDo and SDMGrad update their weights with it
     (:meth:`lossbalance.MoDo.update`, :meth:`lossbalance.SDMGrad.update`). Cost: 2K
     backward passes (K per batch) and 2K gradient copies of the shared parameters; the
-    forward passes of the two batches are the caller's. Not symmetric in general.
+    forward passes of the two batches are the caller's. Not symmetric in general. One
+    process: under ``torch.distributed`` each rank gets its own A (the A of the averaged
+    gradients has cross-rank terms), so the ranks' MoDo/SDMGrad states would drift apart.
 
     Args:
         losses_1, losses_2: the K scalar losses of each batch (they may share a graph).
