@@ -8,8 +8,10 @@ pure functions (``lossbalance.functional``); these classes hold hyperparameters 
 
 from __future__ import annotations
 
+import copy
 import itertools
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +49,19 @@ class Balancer(nn.Module):
         the same process that meets it warns again (``warn_once`` keys are process-wide).
         """
         return f"{what}#{type(self).__name__}{self._instance}"
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):  # type: ignore[override]
+        """``nn.Module.load_state_dict``, all or nothing: a refused load (a tensor of another
+        size, a missing or unexpected key) raises and leaves this balancer as it was.
+
+        ``nn.Module`` copies the tensors that fit before it raises about the others, so a
+        checkpoint of a balancer built for another number of terms would leave some
+        buffers loaded; the load is tried on a copy first."""
+        trial = copy.deepcopy(self)
+        nn.Module.load_state_dict(trial, state_dict, strict=strict, assign=assign)
+        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     def _check_terms(self, losses: Tensor) -> None:
         if losses.dim() != 1 or losses.shape[0] != self.num_terms:
