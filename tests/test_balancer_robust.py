@@ -532,3 +532,14 @@ def test_gradnorm_loss_conditions_warn_per_balancer_instance() -> None:
             balancer.task_weights.fill_(-1.0)
         with pytest.warns(LossBalanceWarning, match="resetting them to 1"):
             balancer.weights(g @ g.T, torch.ones(2, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ["famo", "stch"])
+def test_log_loss_balancers_warn_per_instance(name):
+    # a zero loss under FAMO's or STCH's log is clamped with a warning: a second balancer
+    # in the process meets the same condition and must warn too
+    losses = torch.tensor([0.0, 1.0], dtype=torch.float64, requires_grad=True)
+    for _ in range(2):
+        balancer = lossbalance.create(name, 2)
+        with pytest.warns(lossbalance.LossBalanceWarning, match="clamped"):
+            balancer(losses)

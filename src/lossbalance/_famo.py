@@ -20,7 +20,9 @@ from lossbalance._validation import (
 )
 
 
-def famo_loss(losses: Tensor, logits: Tensor, min_losses: Tensor) -> tuple[Tensor, Tensor]:
+def famo_loss(
+    losses: Tensor, logits: Tensor, min_losses: Tensor, *, warn_key: str = "famo-nonpositive"
+) -> tuple[Tensor, Tensor]:
     """FAMO's combined loss ``sum_i z_i log(L_i - b_i) / c``, ``c = sum_j z_j / (L_j - b_j)``.
 
     Args:
@@ -37,7 +39,7 @@ def famo_loss(losses: Tensor, logits: Tensor, min_losses: Tensor) -> tuple[Tenso
     d = losses - min_losses.to(losses)
     if bool((d.detach() < floor).any()):
         warn_once(
-            "famo-nonpositive",
+            warn_key,
             f"FAMO got a loss at or below its lower bound (L - b <= {floor:.3g}); it is clamped "
             "there before the log, so that term gets almost all the weight",
         )
@@ -193,11 +195,13 @@ class FAMO(LossBalancer):
             self.update(losses.detach())
         elif pending:
             warn_once(
-                "famo-no-update",
+                self._warning_key("famo-no-update"),
                 "FAMO.forward was called again without FAMO.update(new_losses) in between: "
                 "the logits were not updated for the previous step (or pass delayed=True)",
             )
-        combined, weights = famo_loss(losses, self.logits, self.min_losses)
+        combined, weights = famo_loss(
+            losses, self.logits, self.min_losses, warn_key=self._warning_key("famo-nonpositive")
+        )
         self.prev_losses.copy_(losses.detach().to(self.prev_losses))
         self._record(weights)
         return combined
@@ -229,14 +233,14 @@ class FAMO(LossBalancer):
         new = losses.to(self.prev_losses)
         if not bool(torch.isfinite(new).all()):
             warn_once(
-                "famo-nonfinite",
+                self._warning_key("famo-nonfinite"),
                 "FAMO.update got non-finite losses; the logits are left unchanged this step",
             )
             self.prev_losses.fill_(math.nan)
             return
         if bool(((new - self.min_losses) < floor).any()):
             warn_once(
-                "famo-nonpositive",
+                self._warning_key("famo-nonpositive"),
                 f"FAMO got a loss at or below its lower bound (L - b <= {floor:.3g}); it is "
                 "clamped there before the log",
             )

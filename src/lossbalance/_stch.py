@@ -160,7 +160,7 @@ class STCH(LossBalancer):
         floor = positive_floor(losses.dtype)
         if bool((losses.detach() < floor).any()):
             warn_once(
-                "stch-nonpositive",
+                self._warning_key("stch-nonpositive"),
                 f"STCH got a loss <= {floor:.3g} (zero or negative) with log_losses=True; it is "
                 "clamped there before the log",
             )
@@ -196,14 +196,14 @@ class STCH(LossBalancer):
             floor = positive_floor(torch.float64)
             if bool((mean < floor).any()):
                 warn_once(
-                    "stch-nonpositive-ideal",
+                    self._warning_key("stch-nonpositive-ideal"),
                     f"STCH's warm-up mean loss is <= {floor:.3g}; it is clamped there before "
                     "the log of the ideal point",
                 )
             mean = torch.log(mean.clamp_min(floor))
         if not bool(torch.isfinite(mean).all()):
             warn_once(
-                "stch-nonfinite-ideal",
+                self._warning_key("stch-nonfinite-ideal"),
                 "STCH's warm-up mean loss is not finite; the ideal point falls back to 0",
             )
             mean = torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean))
