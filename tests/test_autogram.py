@@ -39,7 +39,8 @@ def reference(losses: list[Tensor], params: list[Tensor]) -> Tensor:
 
 
 def check(losses: list[Tensor], params: list[Tensor], fallbacks: int | None) -> int:
-    gram, _, nf = autogram(losses, params, [], None)
+    res = autogram(losses, params, [], None)
+    gram, nf = res.gramian, res.fallbacks
     want = reference(losses, params)
     torch.testing.assert_close(gram, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
     assert fallbacks is None or nf == fallbacks
@@ -138,9 +139,9 @@ def test_term_reaching_part_of_the_trunk_and_an_unreached_parameter():
     z = a(x).tanh()
     out = b(z)
     losses = [out.pow(2).mean(), z.sum(), out[:, 1].sin().sum()]  # term 1 skips b
-    gram, _, _ = autogram(
+    gram = autogram(
         losses, [*a.parameters(), *b.parameters(), *unused.parameters()], [], None
-    )
+    ).gramian
     torch.testing.assert_close(gram, reference(losses, [*a.parameters(), *b.parameters()]))
 
 
@@ -200,7 +201,8 @@ def test_never_holds_k_gradients_of_a_layer():
     losses = [out[:, i].pow(2).sum() for i in range(k)]
     spy = _Largest()
     with spy:
-        gram, _, nf = autogram(losses, list(lin.parameters()), list(head.parameters()), None)
+        res = autogram(losses, list(lin.parameters()), list(head.parameters()), None)
+    gram, nf = res.gramian, res.fallbacks
     assert nf == 0
     assert spy.largest < lin.weight.numel()
     torch.testing.assert_close(gram, reference(losses, list(lin.parameters())))
@@ -235,7 +237,7 @@ def test_float32_model_matches_exact_in_float32_rounding():
     out = model(torch.randn(4, 16))
     losses = terms(out)
     params = list(model.parameters())
-    gram, _, _ = autogram(losses, params, [], None)
+    gram = autogram(losses, params, [], None).gramian
     exact = lossbalance.term_gramian(losses, params, mode="exact", retain_graph=True)
     assert gram.dtype == D64
     torch.testing.assert_close(gram, exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
@@ -246,7 +248,7 @@ def test_extra_leaves_get_weighted_sums():
     out = head(trunk(torch.randn(5, 3)).tanh())
     losses = [out[:, 0].pow(2).mean(), out[:, 1].sum()]
     c = torch.tensor([2.0, -1.0])
-    _, sums, _ = autogram(losses, list(trunk.parameters()), list(head.parameters()), c)
+    sums = autogram(losses, list(trunk.parameters()), list(head.parameters()), c).sums
     for p, s in zip(head.parameters(), sums, strict=True):
         want = sum(
             ci * g
@@ -271,3 +273,24 @@ def test_functional_linear_without_module():
     w = torch.randn(3, 4, requires_grad=True)
     x = torch.randn(6, 4)
     check(terms(F.linear(x, w).sin()), [w], fallbacks=0)
+
+
+def test_term_gramian_auto_uses_the_engine(monkeypatch):
+    import lossbalance._autogram as module
+
+    calls = []
+    original = module.autogram
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "autogram", spy)
+    lin = nn.Linear(3, 4)
+    z = lin(torch.randn(5, 3))
+    losses = terms(z, 2)
+    gram = lossbalance.term_gramian(losses, list(lin.parameters()), retain_graph=True)
+    assert calls == [1]
+    torch.testing.assert_close(gram, reference(losses, list(lin.parameters())))
+    lossbalance.term_gramian(losses, list(lin.parameters()), features=z, retain_graph=True)
+    assert calls == [1]  # features given: feature mode

@@ -60,12 +60,31 @@ class _Site:
     slots: dict[int, Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class Autogram:
+    """What :func:`autogram` computed.
+
+    Attributes:
+        gramian: the ``(K, K)`` float64 Gramian.
+        sums: one entry per ``extra`` leaf, ``None`` where no term reaches it.
+        held: ``(parameter, (K, *p.shape) per-term gradients)`` for the shared parameters
+            whose K gradients were formed anyway (convolutions, norms, biases, the
+            fallback): their combined gradient needs no backward pass.
+        fallbacks: how many shared parameters went through the fallback.
+    """
+
+    gramian: Tensor
+    sums: list[Tensor | None]
+    held: list[tuple[Tensor, Tensor]]
+    fallbacks: int
+
+
 def autogram(
     losses: Sequence[Tensor],
     shared: Sequence[Tensor],
     extra: Sequence[Tensor],
     extra_weights: Tensor | None,
-) -> tuple[Tensor, list[Tensor | None], int]:
+) -> Autogram:
     """Gramian of the per-term gradients of ``shared`` and ``sum_i c_i dL_i/dp`` of ``extra``.
 
     Args:
@@ -76,9 +95,7 @@ def autogram(
         extra_weights: ``c`` or ``None``.
 
     Returns:
-        The ``(K, K)`` float64 Gramian, one entry per ``extra`` leaf (``None`` where no
-        term reaches it), and the number of shared parameters handled by the fallback (for
-        tests and the benchmark). The graph is kept (a weighted backward follows).
+        An :class:`Autogram`. The graph is kept (a weighted backward follows).
     """
     k = len(losses)
     device = losses[0].device
@@ -123,15 +140,16 @@ def autogram(
             acc_j = sums[j]
             sums[j] = g.clone() if acc_j is None else acc_j.add_(g)
         del grads
+    held: list[tuple[Tensor, Tensor]] = []
     for j in range(ne):
         collectors[j].finish(gram)
-        collectors[j] = _Collector()  # frees this operation's pieces before the next
-    for j in range(nf):
-        buf = stacks[j]
+        held += collectors[j].held()
+        collectors[j] = _Collector()  # frees this operation's other pieces before the next
+    for p, buf in zip(fallback, stacks, strict=True):
         if buf is not None:
             add_gramian(gram, buf.reshape(k, -1))
-        stacks[j] = None
-    return (gram + gram.T) / 2, sums, nf
+            held.append((p, buf))
+    return Autogram((gram + gram.T) / 2, sums, held, nf)
 
 
 # --------------------------------------------------------------------------- graph walk
@@ -242,15 +260,27 @@ class _Collector:
     def finish(self, gram: Tensor) -> None:
         pass
 
+    def held(self) -> list[tuple[Tensor, Tensor]]:
+        return []
+
 
 class _Rows(_Collector):
     """Per-term gradients of small parameters, or of one layer's weight computed pass by
-    pass: ``row(d_i)`` gives row i of a (K, N) stack."""
+    pass: ``row(d_i)`` gives row i of a (K, N) stack. With ``param``, the row has the
+    parameter's shape and the stack is kept for the combined gradient."""
 
-    def __init__(self, k: int, row: Callable[[Tensor], Tensor]) -> None:
+    def __init__(
+        self, k: int, row: Callable[[Tensor], Tensor], param: Tensor | None = None
+    ) -> None:
         self.k = k
         self.row = row
+        self.param = param
         self.buf: Tensor | None = None
+
+    def held(self) -> list[tuple[Tensor, Tensor]]:
+        if self.param is None or self.buf is None:
+            return []
+        return [(self.param, self.buf.view(self.k, *self.param.shape))]
 
     def add(self, i: int, d: Tensor) -> None:
         r = self.row(d).reshape(-1)
@@ -290,6 +320,9 @@ class _Many(_Collector):
     def __init__(self, parts: list[_Collector]) -> None:
         self.parts = parts
 
+    def held(self) -> list[tuple[Tensor, Tensor]]:
+        return [pair for part in self.parts for pair in part.held()]
+
     def add(self, i: int, d: Tensor) -> None:
         for part in self.parts:
             part.add(i, d)
@@ -328,7 +361,8 @@ def _matmul(node: Node, slots: dict[int, Tensor], k: int) -> list[_Collector]:
     parts: list[_Collector] = []
     for slot, p in slots.items():
         if addmm and slot == 0:
-            parts.append(_Rows(k, functools.partial(_bias_row, shape=p.shape, scale=beta)))
+            row = functools.partial(_bias_row, shape=p.shape, scale=beta)
+            parts.append(_Rows(k, row, p))
         elif slot == second:
             # dL_i/dmat2 = alpha mat1^T D_i: a contraction over the rows of mat1
             parts.append(_Linear(k, mat1, alpha, transpose=False))
@@ -366,6 +400,7 @@ class _Linear(_Collector):
     def finish(self, gram: Tensor) -> None:
         if self.inner is not None:
             self.inner.finish(gram)
+            self.inner = None
 
 
 def _bias_row(d: Tensor, *, shape: torch.Size, scale: float) -> Tensor:
@@ -384,7 +419,7 @@ def _sum_to(d: Tensor, shape: torch.Size) -> Tensor:
 def _conv(node: Node, slots: dict[int, Tensor], k: int) -> list[_Collector]:
     parts: list[_Collector] = []
     if 2 in slots:
-        parts.append(_Rows(k, lambda d: d.sum(dim=(0, *range(2, d.dim())))))
+        parts.append(_Rows(k, lambda d: d.sum(dim=(0, *range(2, d.dim()))), slots[2]))
     if 1 in slots:
         x = node._saved_input  # type: ignore[attr-defined]
         w = node._saved_weight  # type: ignore[attr-defined]
@@ -403,7 +438,7 @@ def _conv(node: Node, slots: dict[int, Tensor], k: int) -> list[_Collector]:
         def row(d: Tensor) -> Tensor:
             return torch.ops.aten.convolution_backward(d, x, w, None, *args)[1]
 
-        parts.append(_Rows(k, row))
+        parts.append(_Rows(k, row, slots[1]))
     return parts
 
 
@@ -435,7 +470,7 @@ def _norm(node: Node, slots: dict[int, Tensor], k: int) -> list[_Collector]:
         xhat = (x - mean.reshape(view)) * rstd.reshape(view)
     parts: list[_Collector] = []
     if 1 in slots:
-        parts.append(_Rows(k, lambda d: (d * xhat).sum(dim=dims)))
+        parts.append(_Rows(k, lambda d: (d * xhat).sum(dim=dims), slots[1]))
     if 2 in slots:
-        parts.append(_Rows(k, lambda d: d.sum(dim=dims)))
+        parts.append(_Rows(k, lambda d: d.sum(dim=dims), slots[2]))
     return parts

@@ -229,8 +229,11 @@ def term_gramian(
         features: the shared representation z (a tensor with the batch first, or a
             sequence of them), needed by ``"feature"``.
         mode: ``"exact"`` (K ``autograd.grad`` calls), ``"batched"`` (one vectorised call),
-            ``"gramian"`` (double backward, O(P) memory), ``"feature"`` (gradients of z);
-            ``"auto"`` is ``"feature"`` when ``features`` is given, else ``"exact"``.
+            ``"gramian"`` (layer by layer from the layers' inputs and the K gradients of
+            their outputs, :mod:`lossbalance._autogram`; no K gradient copies of the
+            recognised layers), ``"feature"`` (gradients of z); ``"auto"`` is
+            ``"feature"`` when ``features`` is given, else ``"gramian"`` (as fast as
+            ``"exact"`` or faster: 2x on an MLP, par on the MNIST CNN, K = 10, CPU).
         retain_graph: keep the graph after the last backward.
 
     Returns:
@@ -245,12 +248,14 @@ def term_gramian(
                 [ 6., 20.]], dtype=torch.float64)
 
     Notes:
-        ``"gramian"`` falls back to ``"exact"`` with a once-only warning where an
-        operation of the model has no double backward; its dot products are accumulated by
-        autograd in the model's dtype, the exact modes' in float64.
+        ``"gramian"`` multiplies in the model's dtype and accumulates in float64, like the
+        exact modes; parameters it does not recognise (see :mod:`lossbalance._autogram`)
+        get their K gradients formed, for that parameter only.
     """
     check_choice("mode", mode, GRAMIAN_MODES)
-    mode = resolve_mode(mode, features)
+    # a Gramian query defers nothing (unlike accumulation or torch.distributed, which
+    # need the gradients themselves): "auto" may take the cheaper engine
+    mode = "gramian" if mode == "auto" and features is None else resolve_mode(mode, features)
     with torch.enable_grad():
         items = [loss.reshape(()) for loss in losses]
         if not items:
@@ -670,19 +675,24 @@ def _gramian_only(
     from lossbalance._autogram import autogram  # _autogram is independent of this module
 
     stacked = torch.stack([loss.reshape(()) for loss in losses])
-    gram, sums, _ = autogram(list(losses), list(shared), list(extra), extra_weights)
-    fixed = [(p, g) for p, g in zip(extra, sums, strict=True) if g is not None]
+    result = autogram(list(losses), list(shared), list(extra), extra_weights)
+    fixed = [(p, g) for p, g in zip(extra, result.sums, strict=True) if g is not None]
+    # convolutions, norms, biases and the fallback formed their K gradients anyway: their
+    # combined gradient is a product; the backward only runs down to the other layers
+    held = {id(p): g for p, g in result.held}
+    rest = [p for p in shared if id(p) not in held]
 
     def finish(beta: Tensor) -> list[tuple[Tensor, Tensor]]:
-        if not shared:
-            return []
-        b = beta.to(dtype=stacked.dtype, device=stacked.device)
-        grads = torch.autograd.grad(
-            stacked, list(shared), grad_outputs=b, retain_graph=retain_graph, allow_unused=True
-        )
-        return [(p, g) for p, g in zip(shared, grads, strict=True) if g is not None]
+        out = {id(p): _combine(beta, g).to(p.dtype) for p, g in result.held}
+        if rest:
+            b = beta.to(dtype=stacked.dtype, device=stacked.device)
+            grads = torch.autograd.grad(
+                stacked, rest, grad_outputs=b, retain_graph=retain_graph, allow_unused=True
+            )
+            out.update((id(p), g) for p, g in zip(rest, grads, strict=True) if g is not None)
+        return [(p, out[id(p)]) for p in shared if id(p) in out]
 
-    return TermStep(gram, fixed, finish)
+    return TermStep(result.gramian, fixed, finish)
 
 
 def feature_terms(
