@@ -95,3 +95,35 @@ def test_bf16_mixed_precision_keeps_full_precision_state_and_skips(out):
     assert rank0["state_dtypes"] == ["torch.float64"]
     assert rank0["skipped"] == rank1["skipped"] == 1
     assert all(torch.isfinite(p).all() for p in rank0["params"])
+
+
+# ------------------------------------------------------------------ balancers
+
+
+import fsdp_balancer_worker as balancer_worker  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def balancer_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp-balancers")
+    run = subprocess.run(
+        [sys.executable, str(HERE / "fsdp_balancer_worker.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return tuple(load(out, f"balancers-{tag}") for tag in ("rank0", "rank1", "single"))
+
+
+@pytest.mark.parametrize("cfg", balancer_worker.CONFIGS, ids=balancer_worker.key)
+def test_balancers_on_sharded_trunk_match_one_process(balancer_runs, cfg):
+    rank0, rank1, single = (run[balancer_worker.key(cfg)] for run in balancer_runs)
+    assert same(rank0, rank1), "ranks diverged"
+    assert max_rel(rank0, single) < RTOL
+    for name, value in single["balancer"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            torch.testing.assert_close(rank0["balancer"][name], value, rtol=1e-9, atol=1e-12)
+    torch.manual_seed(0)
+    start = [p.detach() for p in balancer_worker.Net().double().parameters()]
+    assert all(not torch.equal(p, q) for p, q in zip(single["params"], start))

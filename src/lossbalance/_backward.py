@@ -261,7 +261,7 @@ def backward(
                 return _loss_level(items, balancer, retain_graph, scaler)
             return _loss_level_distributed(items, balancer, retain_graph, scaler, group)
         params = shared_params(shared, balancer)
-        mode = resolve_mode(mode, features)
+        mode = vector_mode(balancer, resolve_mode(mode, features), group is not None)
         zs = as_features(features) if mode == "feature" else []
         if group is None:
             return _gradient_level(items, balancer, params, zs, mode, retain_graph, scaler)
@@ -804,10 +804,9 @@ def _call_weights(
     """``balancer.weights(gramian, losses_t)``, validated; records ``last_weights``."""
     if _needs_grads(balancer):
         raise RuntimeError(
-            f"{type(balancer).__name__} needs the per-term gradients, not their Gramian: it "
-            "works with lossbalance.backward (mode 'exact' or 'batched') on one process, "
-            "not with lossbalance.Accumulator or under torch.distributed, whose deferred "
-            "paths balance a Gramian"
+            f"{type(balancer).__name__} needs the per-term gradients, not their Gramian, "
+            "which is all this path holds (feature mode under torch.distributed, or "
+            "sharded (fully_shard) shared parameters): use mode='exact' or 'batched'"
         )
     k = balancer.num_terms
     previous = balancer.last_weights
@@ -829,6 +828,106 @@ def _needs_grads(balancer: Balancer) -> bool:
     return balancer.kind == "gradient" and bool(getattr(balancer, "needs_grads", False))
 
 
+def vector_mode(balancer: Balancer, mode: str, deferred: bool, stacklevel: int = 5) -> str:
+    """The resolved ``mode`` for a balancer that needs the per-term gradients.
+
+    ``"gramian"`` never holds them and a balancer without ``accepts_features`` has no use
+    for the features' gradients: both fall back to ``"exact"`` (warned once), as other
+    modes fall back where they cannot run. ``deferred`` (``torch.distributed`` or
+    :class:`lossbalance.Accumulator`): feature mode raises for a balancer that accepts
+    features (GradDrop), whose combined feature gradient of each rank's or micro-batch's
+    features would need the masks of the whole batch before its trunk pass.
+    """
+    if not _needs_grads(balancer):
+        return mode
+    name = type(balancer).__name__
+    if mode == "gramian":
+        warn_once(
+            "backward-vector-gramian",
+            f"{name} needs the per-term gradients, which mode='gramian' never holds (it "
+            "builds their Gramian by double backward); fell back to mode='exact'",
+            stacklevel=stacklevel,
+        )
+        return "exact"
+    if mode != "feature":
+        return mode
+    if not getattr(balancer, "accepts_features", False):
+        warn_once(
+            "backward-vector-features",
+            f"{name} combines the per-term gradients of the shared parameters, not of "
+            "features; fell back to mode='exact' (features=... is not used)",
+            stacklevel=stacklevel,
+        )
+        return "exact"
+    if deferred:
+        raise NotImplementedError(
+            f"{name} in mode='feature' under torch.distributed or lossbalance.Accumulator is "
+            "not supported: its masks need the features' gradients of the whole batch "
+            "before the trunk pass of each shard; use mode='exact' (masks per element of "
+            "the shared parameters)"
+        )
+    return mode
+
+
+def _vector_finish(
+    balancer: Balancer,
+    losses: Tensor,
+    leaves: list[Tensor],
+    grads: list[Tensor | None],
+    n: int,
+    stack_others: bool,
+    scale: Tensor | None,
+) -> Tensor:
+    """:meth:`TermSums.finish` for a balancer that needs the per-term gradients.
+
+    ``grads[:n]`` are the shared parameters' per-term stacks, summed over micro-batches
+    and averaged over the ranks (one all-reduce, in ``finish``), of the scaled losses;
+    ``combine`` runs on them as on one large batch's, deterministically on every rank.
+    The other leaves get ``sum_i c_i`` of their per-term gradients, with ``c = T^T 1``
+    (or ``T^T alpha`` with ``weights_heads``), as :func:`_vector_level` gives them.
+    """
+    k = balancer.num_terms
+    shared = leaves[:n]
+    shared_ids = {id(p) for p in shared}
+    leaf = losses.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        losses_t = _transform(balancer, leaf)
+        _check_finite("transformed", "a transformed loss is not finite", [losses_t])
+        jac, own, own_grads = _transform_jacobian(leaf, losses_t, shared_ids)
+    reached = [g is not None for g in grads[:n]]
+    stacks = [
+        torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device) if g is None else g
+        for p, g in zip(shared, grads[:n], strict=True)
+    ]
+    if scale is not None:
+        stacks = [g / scale.to(g.device, g.dtype) for g in stacks]
+    if jac is not None:
+        stacks = [(jac.to(g) @ g.reshape(k, -1)).view(g.shape) for g in stacks]
+    others = [(p, g) for p, g in zip(leaves[n:], grads[n:], strict=True) if g is not None]
+    own_writes = [(p, _times(g, scale)) for p, g in zip(own, own_grads, strict=True)]
+    checks = [*stacks, *(g for _, g in others), *(g for _, g in own_writes)]
+    _check_finite(
+        "gramian", "a per-term gradient is not finite", checks + ([] if jac is None else [jac])
+    )
+    combined, alpha = _call_combine(balancer, stacks, losses_t.detach(), shared, False)
+    writes = [(p, _times(c, scale)) for p, c, r in zip(shared, combined, reached, strict=True) if r]
+    beta = alpha if jac is None else jac.to(alpha).T @ alpha
+    coef = (
+        beta if getattr(balancer, "weights_heads", False) else None if jac is None else jac.sum(0)
+    )
+    for p, g in others:
+        if stack_others:
+            writes.append(
+                (p, _combine(torch.ones(k, dtype=torch.float64) if coef is None else coef, g))
+            )
+        else:
+            writes.append((p, g))
+    writes += own_writes
+    _check_finite("grads", "a combined gradient is not finite", [g for _, g in writes])
+    _accumulate(writes)
+    return alpha.clone()
+
+
 def _vector_level(
     items: list[Tensor],
     balancer: Balancer,
@@ -846,19 +945,8 @@ def _vector_level(
     A transform enters through its Jacobian T: the stacks are ``T S`` (rows g~_i), the
     other leaves get ``sum_j (T^T 1)_j`` of their per-term gradients.
     """
-    name = type(balancer).__name__
-    if mode == "gramian":
-        raise ValueError(
-            f"{name} needs the per-term gradients, which mode='gramian' never holds (it "
-            "builds their Gramian by double backward): use mode='exact' or 'batched'"
-        )
+    mode = vector_mode(balancer, mode, deferred=False)
     use_features = mode == "feature"
-    if use_features and not getattr(balancer, "accepts_features", False):
-        raise ValueError(
-            f"{name} combines the per-term gradients of the shared parameters, not of "
-            "features: use mode='exact' or 'batched' (mode='auto' picks 'feature' when "
-            "features=... is given)"
-        )
     inputs = features if use_features else params
     k, n = len(items), len(inputs)
     with torch.enable_grad():
@@ -875,13 +963,16 @@ def _vector_level(
         # in feature mode these are the leaves reached around z (the heads): whole passes
         stop = inputs if use_features else []
         extra = [p for p in reachable_leaves(scaled, stop=stop) if id(p) not in done]
+        # ExcessMTL weighs the heads too (its loss is sum_i w_i L_i): their per-term stacks
+        # wait for the weights
+        weigh_heads = bool(getattr(balancer, "weights_heads", False))
         raw = _per_term(
             scaled,
             [*inputs, *extra],
-            n,
+            n + len(extra) if weigh_heads else n,
             batched=mode == "batched",
             retain_graph=retain_graph or use_features,
-            sum_weights=col_sums,
+            sum_weights=None if weigh_heads else col_sums,
         )
     reached = [g is not None for g in raw[:n]]
     stacks = [
@@ -899,6 +990,12 @@ def _vector_level(
     combined, alpha = _call_combine(balancer, stacks, losses_t.detach(), inputs, use_features)
     combined = [_times(c, scale) for c in combined]
     _check_finite("grads", "a combined gradient is not finite", combined)
+    if weigh_heads:
+        beta = alpha if jac is None else jac.to(alpha).T @ alpha
+        fixed = [
+            (p, _combine(beta, g)) for p, g in zip(extra, raw[n:], strict=True) if g is not None
+        ]
+        fixed += [(p, _times(g, scale)) for p, g in zip(own, own_grads, strict=True)]
     if not use_features:
         writes = [(p, c) for p, c, r in zip(params, combined, reached, strict=True) if r]
     else:
@@ -1113,6 +1210,12 @@ class TermSums:
         self.losses: Tensor | None = None
         self.loss_like: Tensor | None = None
         self.count = 0
+        from lossbalance._fsdp import is_sharded
+
+        # FSDP2: shared parameters sharded by fully_shard (DTensors), see _add_sharded
+        self.sharded = any(is_sharded(p) for p in self.shared)
+        self.correct: list[Tensor] | None = None
+        self.retain_graph = False
 
     def leaves(self) -> list[Tensor]:
         return [*self.shared, *self.others]
@@ -1124,6 +1227,9 @@ class TermSums:
         retain_graph: bool,
         scaler: torch.amp.GradScaler | None,
     ) -> None:
+        if self.sharded:
+            self._add_sharded(items, retain_graph, scaler)
+            return
         known = {id(p) for p in self.leaves()}
         new = [p for p in reachable_leaves(items) if id(p) not in known]
         self.others += new
@@ -1160,6 +1266,142 @@ class TermSums:
         self.loss_like = items[0].detach()
         self.count += 1
 
+    def _add_sharded(
+        self, items: list[Tensor], retain_graph: bool, scaler: torch.amp.GradScaler | None
+    ) -> None:
+        """The per-term passes on sharded (FSDP2) shared parameters: one ``backward()`` per
+        term, which FSDP reduce-scatters (see ``lossbalance._fsdp``).
+
+        The shared parameters' stacks are their local shards, already averaged over the
+        ranks. The leaves FSDP owns besides them (sharded heads) are written by FSDP
+        itself: they receive the sum of the terms' gradients in these passes (and, for a
+        balancer with a transform or ``weights_heads``, a correction pass in ``finish``
+        once the coefficients are known). Leaves left out of ``fully_shard`` are stacked
+        and averaged as under DDP.
+        """
+        from lossbalance._fsdp import per_term_backward
+
+        if self.mode == "feature":
+            raise NotImplementedError(
+                "lossbalance.backward(mode='feature') on sharded (fully_shard) shared "
+                "parameters is not supported yet: use mode='exact'"
+            )
+        if self.count:
+            raise NotImplementedError(
+                "lossbalance.Accumulator on sharded (fully_shard) shared parameters is not "
+                "supported yet: FSDP writes the heads' gradients during each micro-batch"
+            )
+        known = {id(p) for p in self.shared}
+        candidates = [p for p in reachable_leaves(items) if id(p) not in known]
+        scaled = _scaled(items, scaler)
+        self.retain_graph = retain_graph
+        self.correct = scaled if self.stack_others else None
+        stacks = per_term_backward(
+            scaled, [*self.shared, *candidates], retain_graph=retain_graph or self.stack_others
+        )
+        n = len(self.shared)
+        self.grads = list(stacks[:n])
+        for p, g in zip(candidates, stacks[n:], strict=True):
+            if g is None:
+                continue  # an unsharded FSDP parameter: FSDP consumed its gradient
+            self.others.append(p)
+            self.grads.append(g if self.stack_others else g.sum(0))
+        self.owned = [False] * len(self.grads)
+        self.losses = torch.stack([loss.detach().reshape(()) for loss in items]).double()
+        self.loss_like = items[0].detach()
+        self.count = 1
+
+    def _finish_sharded(
+        self, group: Any, scaler: torch.amp.GradScaler | None, where: str
+    ) -> Tensor:
+        """``finish`` on sharded shared parameters: the Gramian of the whole gradients is
+        the sum over the ranks of the Gramians of their shards (of FSDP's averaged
+        gradients), summed in the one all-reduce that averages the loss values and the
+        plain leaves' stacks."""
+        from lossbalance._distributed import all_reduce_mean_and_sum
+        from lossbalance._fsdp import backward_discarding, is_sharded, like_param
+
+        assert self.losses is not None and self.loss_like is not None
+        k = self.balancer.num_terms
+        leaves = self.leaves()
+        n = len(self.shared)
+        sharded = [is_sharded(p) for p in leaves]
+        grads = list(self.grads)
+        losses = self.losses
+        gram = torch.zeros(k, k, dtype=torch.float64, device=losses.device)
+        for g, s in zip(grads[:n], sharded[:n], strict=True):
+            if s and g is not None:
+                _add_gramian(gram, g)
+        if group is not None:
+            entries = _layout_entries(k, self.shared, self.others)
+            check_layout(where, 4, entries, group, losses.device)
+            plain = [j for j, s in enumerate(sharded) if not s]
+            dense: list[Tensor] = []
+            for j in plain:
+                g = grads[j]
+                dense.append(
+                    torch.zeros(self._shape(j, leaves[j], k), dtype=leaves[j].dtype)
+                    if g is None
+                    else g
+                )
+            flags = torch.tensor([grads[j] is not None for j in plain], dtype=torch.float64)
+            (losses, hits, *averaged), (gram,) = all_reduce_mean_and_sum(
+                [losses, flags.to(losses.device), *dense], [gram], group
+            )
+            for j, h, g in zip(plain, hits.tolist(), averaged, strict=True):
+                grads[j] = g if h > 0 else None
+        for g, s in zip(grads[:n], sharded[:n], strict=True):
+            if not s and g is not None:
+                _add_gramian(gram, g)
+        like = self.loss_like
+        losses = losses.to(like.device, like.dtype)
+        _check_finite("losses", "a loss is not finite", [losses])
+        scale = _scale_of(scaler)
+        gram = _unscale_gramian(gram, scale)
+        # the local shards are not checked: ranks would disagree; their Gramian carries a
+        # non-finite entry of any shard to every rank
+        plain_grads: list[Tensor] = [
+            g for g, s in zip(grads, sharded, strict=True) if g is not None and not s
+        ]
+        _check_finite(
+            "gramian", "a per-term gradient (or their Gramian) is not finite", [gram, *plain_grads]
+        )
+        shared_ids = {id(p) for p in self.shared}
+        alpha, beta, col_sums, own_writes = _weigh(self.balancer, losses, gram, shared_ids, scale)
+        weigh_heads = bool(getattr(self.balancer, "weights_heads", False))
+        coef = beta if weigh_heads else col_sums
+        ones = torch.ones(k, dtype=torch.float64)
+        writes = []
+        for j, (p, g) in enumerate(zip(leaves, grads, strict=True)):
+            if g is None:
+                continue
+            if j < n:
+                combined = _combine(beta, g)
+                writes.append((p, like_param(p, combined) if sharded[j] else combined))
+            elif self.stack_others:
+                writes.append((p, _combine(ones if coef is None else coef, g)))
+            else:
+                writes.append((p, g))
+        writes += own_writes
+        _check_finite(
+            "grads",
+            "a combined gradient is not finite",
+            [g for (p, g) in writes if id(p) not in shared_ids or not is_sharded(p)],
+        )
+        if self.correct is not None and coef is not None:
+            # FSDP's heads received sum_i dL_i/dtheta in the per-term passes; they need
+            # sum_i c_i dL_i/dtheta: one more pass of sum_i (c_i - 1) L_i, whose share in
+            # the leaves written here is dropped
+            delta = (coef - 1.0).to(self.correct[0])
+            backward_discarding(
+                (delta * torch.stack([loss.reshape(()) for loss in self.correct])).sum(),
+                leaves,
+                retain_graph=self.retain_graph,
+            )
+        self.correct = None
+        _accumulate(writes)
+        return alpha.clone()
+
     def finish(
         self,
         group: Any,
@@ -1171,6 +1413,8 @@ class TermSums:
         Under ``torch.distributed`` the all-reduce is preceded by :func:`check_layout` (one
         all-gather of 8 integers), so that ranks with other terms or leaves raise the same
         error (naming ``where``) instead of aborting in gloo."""
+        if self.sharded:
+            return self._finish_sharded(group, scaler, where)
         assert self.losses is not None and self.loss_like is not None
         k = self.balancer.num_terms
         leaves = self.leaves()
@@ -1213,6 +1457,8 @@ class TermSums:
             _check_finite("grads", "a gradient is not finite", [g for _, g in writes])
             _accumulate(writes)
             return weights
+        if _needs_grads(self.balancer):
+            return _vector_finish(self.balancer, losses, leaves, grads, n, self.stack_others, scale)
         if gram is None:
             gram = torch.zeros(k, k, dtype=torch.float64, device=losses.device)
             for g in grads[:n]:
@@ -1325,9 +1571,18 @@ def _all_finite(tensors: Sequence[Tensor]) -> bool:
 @torch.no_grad()
 def _accumulate(writes: Sequence[tuple[Tensor, Tensor]]) -> None:
     """``p.grad += g`` like autograd's AccumulateGrad: create ``.grad`` if ``None``."""
+    from lossbalance._fsdp import is_sharded, local
+
     stolen: set[int] = set()
     for p, g in writes:
         g = g.detach()
+        if is_sharded(p):
+            # a sharded parameter's gradient, a DTensor sharded like it (FSDP2)
+            if p.grad is None:
+                p.grad = g
+            else:
+                local(p.grad).add_(local(g).to(p.grad.dtype))
+            continue
         if p.grad is None:
             if g.is_sparse:
                 p.grad = g.clone()

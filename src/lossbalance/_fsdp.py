@@ -36,7 +36,15 @@ except ImportError:  # torch built without distributed
     DTensor = None  # type: ignore[assignment,misc]
     Shard = None  # type: ignore[assignment,misc]
 
-__all__ = ["is_sharded", "local", "per_term_backward", "shard_like", "sharded_zeros"]
+__all__ = [
+    "backward_discarding",
+    "is_sharded",
+    "like_param",
+    "local",
+    "per_term_backward",
+    "shard_like",
+    "sharded_zeros",
+]
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -77,7 +85,9 @@ def sharded_zeros(p: Tensor, prefix: tuple[int, ...], dtype: torch.dtype) -> Ten
     )
 
 
-def per_term_backward(losses: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor | None]:
+def per_term_backward(
+    losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool = False
+) -> list[Tensor | None]:
     """Per-term gradients of ``params`` from one ``backward()`` per loss.
 
     Returns, per parameter, a ``(I, *local shape)`` stack (the local shard of a sharded
@@ -85,7 +95,8 @@ def per_term_backward(losses: Sequence[Tensor], params: Sequence[Tensor]) -> lis
     gradient of a plain one), zeros where a term does not reach it, or ``None`` where no
     term does. The ``.grad`` of ``params`` is restored afterwards; other leaves the losses
     reach accumulate the sum of the terms' gradients, as ``sum(losses).backward()`` would
-    leave them.
+    leave them. A leaf whose ``.grad`` FSDP consumed in the pass (its unsharded
+    parameters, which the walk of a graph finds) gets ``None``.
     """
     saved = [p.grad for p in params]
     stacks: list[Tensor | None] = [None] * len(params)
@@ -95,7 +106,7 @@ def per_term_backward(losses: Sequence[Tensor], params: Sequence[Tensor]) -> lis
             p.grad = None
         for i, loss in enumerate(losses):
             with torch.enable_grad():
-                torch.autograd.backward(loss, retain_graph=i < num - 1)
+                torch.autograd.backward(loss, retain_graph=retain_graph or i < num - 1)
             for j, p in enumerate(params):
                 g = p.grad
                 if g is None:
@@ -127,3 +138,29 @@ def shard_like(value: Tensor, template: Tensor) -> Tensor:
         local(distribute_tensor(whole, template.device_mesh, template.placements))  # type: ignore[attr-defined]
     )
     return template
+
+
+def like_param(p: Tensor, t: Tensor) -> Tensor:
+    """The local tensor ``t`` (the local shape of ``p``) as a ``DTensor`` sharded like ``p``."""
+    return DTensor.from_local(
+        t,
+        p.device_mesh,  # type: ignore[attr-defined]
+        p.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=p.shape,
+        stride=p.stride(),
+    )
+
+
+def backward_discarding(loss: Tensor, params: Sequence[Tensor], *, retain_graph: bool) -> None:
+    """``loss.backward()`` for the leaves FSDP owns, leaving the ``.grad`` of ``params`` as
+    it was (what the pass writes there is dropped)."""
+    saved = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            torch.autograd.backward(loss, retain_graph=retain_graph)
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
