@@ -9,6 +9,7 @@ Subcommands::
     lossbalance pix2pix [--ablation]     MTAdam paper, pix2pix: edges -> image, Fashion-MNIST
     lossbalance srgan                    MTAdam paper, SRGAN: 4x super-resolution, Fashion-MNIST
     lossbalance cyclegan                 MTAdam paper, CycleGAN: unpaired MNIST <-> Fashion-MNIST
+    lossbalance bench [--quick]          every method on the small MTL benchmarks, one ranking
 
 Every experiment writes ``summary.json``, ``results.json``, ``results.md`` (its header
 holds the exact command) and PNG plots into ``--out`` and prints the table. The method
@@ -423,6 +424,40 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
     )
     cyc.add_argument("--width", type=_positive_int, help="generator width (default: 32)")
     cyc.add_argument("--blocks", type=_positive_int, help="generator residual blocks (default: 3)")
+
+    from lossbalance.experiments.bench import BENCHMARKS, BenchConfig
+
+    bench = sub.add_parser(
+        "bench",
+        help="every method on the toy problem, Multi-MNIST/-Fashion/-(Fashion+MNIST), UCI "
+        "Energy and Parkinsons (and x1000 variants), per-class MNIST: Δm%% and ranks",
+        description="Every method on the small offline MTL benchmarks: per-task metrics, "
+        "Δm% against equal weighting (Adam on the sum), ranks, time per step, and one "
+        "overall ranking. --epochs, --batch-size, --train-limit, --test-limit apply to the "
+        "image benchmarks.",
+    )
+    _add_common(bench, BenchConfig, "bench")
+    _add_data(bench, dataset=False)
+    bench.add_argument(
+        "--benchmarks",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help=f"which benchmarks (default: all: {', '.join(BENCHMARKS)})",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="a tiny version of everything (a smoke test)"
+    )
+    bench.add_argument(
+        "--uci-batch-size", type=_positive_int, help="batch of the UCI benchmarks (default: 64)"
+    )
+    bench.add_argument("--energy-epochs", type=_positive_int, help="default: 60")
+    bench.add_argument("--parkinsons-epochs", type=_positive_int, help="default: 8")
+    bench.add_argument(
+        "--toy-steps", type=_positive_int, help="updates per start on the toy (default: 400)"
+    )
+    bench.add_argument("--toy-lr", type=float, help="step size on the toy (default: 0.1)")
+    bench.add_argument("--toy-seed", type=int, help="seed of the toy runs (default: 0)")
     return parser
 
 
@@ -486,7 +521,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         _list_methods()
         return 0
 
-    from lossbalance.experiments import cyclegan, demo, harness, mnist, multimnist, pix2pix, srgan
+    from lossbalance.experiments import (
+        bench,
+        cyclegan,
+        demo,
+        harness,
+        mnist,
+        multimnist,
+        pix2pix,
+        srgan,
+    )
     from lossbalance.experiments.data import ChecksumError, DataFileError, DatasetNotFoundError
     from lossbalance.experiments.harness import MissingRunError, RecordedRuns, resolve_device
     from lossbalance.experiments.methods import resolve_methods
@@ -510,6 +554,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         "pix2pix": (pix2pix, pix2pix.Pix2PixConfig),
         "srgan": (srgan, srgan.SrganConfig),
         "cyclegan": (cyclegan, cyclegan.CycleGanConfig),
+        "bench": (bench, bench.BenchConfig),
     }[args.command]
     # Bad names and values are reported before any data is read or any run starts.
     try:
@@ -518,7 +563,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         if not args.report_only:
             resolve_device(config.device)
         if config.methods:
-            weighted = args.command != "multimnist"
+            weighted = args.command not in ("multimnist", "bench")
             names = mnist.expand_methods(config.methods, [], weighted=weighted)
             resolve_methods(names, weighted=weighted)
     except ValueError as exc:
@@ -606,6 +651,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
                 _warn(f"--report-only: {len(recorded.missing)} requested run(s) not recorded")
             result.table = result.table.rstrip() + "\n" + "".join(f"- {n}\n" for n in notes)
         elif config.jobs > 1:
+            if args.command == "bench":  # once here, not in every (method, seed) worker
+                bench.prepare_toy(config, previous, on_run=checkpoint)
             result = run_parallel(module, config, previous=previous, on_run=checkpoint)
         else:
             result = module.run(config, previous=previous, on_run=checkpoint)
@@ -633,6 +680,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         settings=settings,
         keep_checkpoint=args.report_only,
     )
+    if args.command == "bench" and not args.no_plots:
+        paths += bench.write_plots(result, out)
     _out((out / "results.md").read_text().rstrip())
     _out()
     _out("Wrote:")

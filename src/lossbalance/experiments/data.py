@@ -32,9 +32,12 @@ __all__ = [
     "DatasetNotFoundError",
     "IdxDataset",
     "MultiMnistData",
+    "RegressionData",
     "load_digits_data",
     "load_idx_dataset",
+    "load_uci",
     "locate_idx_files",
+    "make_multi_pair",
     "make_multimnist",
     "md5sum",
     "read_idx",
@@ -444,3 +447,142 @@ def make_multimnist(
     region = canvas[:, r1 : r1 + h, c1 : c1 + w]
     canvas[:, r1 : r1 + h, c1 : c1 + w] = torch.maximum(region, imgs[perm])
     return canvas, torch.stack([labs, labs[perm]], dim=1)
+
+
+def make_multi_pair(
+    left_images: Tensor | np.ndarray,
+    left_labels: Tensor | np.ndarray,
+    right_images: Tensor | np.ndarray,
+    right_labels: Tensor | np.ndarray,
+    *,
+    seed: int = 0,
+    size: int = 36,
+    shift: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """Overlay item ``n`` of one set (upper left) with item ``perm[n]`` of another (lower
+    right), as :func:`make_multimnist` does within one set.
+
+    Multi-(Fashion+MNIST) of Lin et al. (NeurIPS 2019, "Pareto Multi-Task Learning") puts
+    an MNIST digit and a Fashion-MNIST item on one canvas: ``left`` MNIST, ``right``
+    Fashion-MNIST. The output has as many images as ``left``; ``perm`` is drawn from
+    ``seed`` over the first ``len(left)`` items of ``right``.
+    """
+    li = torch.as_tensor(np.asarray(left_images)).to(torch.uint8)
+    ri = torch.as_tensor(np.asarray(right_images)).to(torch.uint8)
+    if ri.shape[0] < li.shape[0] or ri.shape[1:] != li.shape[1:]:
+        raise ValueError(
+            f"expected at least {li.shape[0]} right images of shape {tuple(li.shape[1:])}, "
+            f"got {tuple(ri.shape)}"
+        )
+    n = li.shape[0]
+    h, w = li.shape[1:]
+    centre_r, centre_c = (size - h) // 2, (size - w) // 2
+    if not 0 <= shift <= min(centre_r, centre_c):
+        raise ValueError(
+            f"Invalid shift: {shift} (expected 0 <= shift <= {min(centre_r, centre_c)} for "
+            f"{h}x{w} images on a {size}x{size} canvas)"
+        )
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    out = torch.zeros((n, size, size), dtype=torch.uint8)
+    r0, c0 = centre_r - shift, centre_c - shift
+    out[:, r0 : r0 + h, c0 : c0 + w] = li
+    r1, c1 = centre_r + shift, centre_c + shift
+    out[:, r1 : r1 + h, c1 : c1 + w] = torch.maximum(out[:, r1 : r1 + h, c1 : c1 + w], ri[perm])
+    ll = torch.as_tensor(np.asarray(left_labels)).to(torch.int64)
+    rl = torch.as_tensor(np.asarray(right_labels)).to(torch.int64)[:n]
+    return out, torch.stack([ll, rl[perm]], dim=1)
+
+
+@dataclass
+class RegressionData:
+    """A multi-target regression set, split into train and test (float32, unscaled).
+
+    Attributes:
+        train_x, test_x: ``(N, D)`` features.
+        train_y, test_y: ``(N, T)`` targets.
+        feature_names, target_names: column names.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    feature_names: list[str]
+    target_names: list[str]
+
+
+UCI_SETS = {
+    "energy": ("uci-energy-efficiency", "ENB2012_data.csv", "b45a72adaaa11663c39bd6eff2b9222a"),
+    "parkinsons": (
+        "uci-parkinsons-telemonitoring",
+        "parkinsons_updrs.data",
+        "4f97310e2c9fbeedb72e8a37822fee45",
+    ),
+}
+
+
+def _read_csv(path: Path) -> tuple[list[str], np.ndarray]:
+    import csv
+
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        rows = [r for r in reader if r]
+    try:
+        values = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
+    except ValueError as exc:
+        raise DataFileError(f"{path}: not a numeric CSV table ({exc})") from None
+    if values.ndim != 2 or values.shape[1] != len(header):
+        raise DataFileError(f"{path}: rows do not match the {len(header)} header columns")
+    return header, values
+
+
+def load_uci(
+    name: str, data_dir: str | Path, *, verify: bool = True, test_fraction: float = 0.2
+) -> RegressionData:
+    """UCI Energy Efficiency or Parkinsons Telemonitoring as two-target regression.
+
+    ``"energy"`` (Tsanas & Xifara 2012): 768 buildings, features X1..X8, targets heating
+    load Y1 and cooling load Y2; a random split drawn from a fixed seed. ``"parkinsons"``
+    (Tsanas et al. 2010): 5875 recordings of 42 subjects, features age, sex, test_time and
+    the 16 voice measures, targets motor and total UPDRS; split by subject (every fifth
+    subject id in the test set), so that no subject is in both.
+
+    The file is looked for in ``data_dir/<set dir>/`` and ``data_dir/``; its md5 is
+    checked unless ``verify`` is false. No download (the UCI site is not a stable
+    mirror): a missing file raises :class:`DatasetNotFoundError`.
+    """
+    if name not in UCI_SETS:
+        raise ValueError(f"Invalid UCI set: {name!r} (expected one of {tuple(UCI_SETS)})")
+    sub, file, md5 = UCI_SETS[name]
+    root = Path(data_dir)
+    candidates = [root / sub / file, root / file]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise DatasetNotFoundError(
+            f"UCI {name}: {file} not found in {root / sub} or {root}; put the file there "
+            "(see ../shared/data/README.md for its provenance and md5)"
+        )
+    if verify and md5sum(path) != md5:
+        raise ChecksumError(f"{path}: md5 {md5sum(path)} differs from the expected {md5}")
+    header, table = _read_csv(path)
+    if name == "energy":
+        targets = ["Y1", "Y2"]
+        features = [h for h in header if h.startswith("X")]
+        test = np.zeros(len(table), dtype=bool)
+        order = np.random.default_rng(0).permutation(len(table))
+        test[order[: round(test_fraction * len(table))]] = True
+    else:
+        targets = ["motor_UPDRS", "total_UPDRS"]
+        features = [h for h in header if h not in ("subject#", *targets)]
+        test = table[:, header.index("subject#")].astype(np.int64) % 5 == 0
+    missing = [c for c in (*features, *targets) if c not in header]
+    if missing:
+        raise DataFileError(f"{path}: missing columns {missing}")
+    x = table[:, [header.index(c) for c in features]]
+    y = table[:, [header.index(c) for c in targets]]
+
+    def t(a: np.ndarray) -> Tensor:
+        return torch.tensor(a, dtype=torch.float32)
+
+    return RegressionData(t(x[~test]), t(y[~test]), t(x[test]), t(y[test]), features, targets)
