@@ -175,3 +175,20 @@ def test_bench_quick_writes_every_output_and_reports_again(
     assert "Reporting: 10 run(s)" in capsys.readouterr().out
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["overall"] == data["overall"]
+
+
+@needs_data
+def test_bench_jobs_train_the_runs_of_one_process(tmp_path: Path) -> None:
+    from lossbalance.cli import main
+
+    base = ["bench", "--quick", "--methods", "adam", "--benchmarks", "toy", "energy"]
+    base += ["--data-dir", str(DATA), "--no-download", "--device", "cpu", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+
+    def finals(name: str) -> dict[str, object]:
+        data = json.loads((tmp_path / name / "results.json").read_text())
+        return {f"{r['group']}|{r['row']}|{r['seed']}": r["final"] for r in data["runs"]}
+
+    one, two = finals("one"), finals("two")
+    assert len(one) == 3 and one == two  # the toy once (parent), energy for 2 seeds
