@@ -25,7 +25,9 @@ import lossbalance
 STEPS = 10
 BATCH = 8
 CONFIGS = [
-    dict(name=name, mode="exact") for name in ("imtl-g", "mgda", "pcgrad", "gradnorm", "imtl")
+    dict(name=name, mode=mode)
+    for mode in ("exact", "feature")
+    for name in ("imtl-g", "mgda", "pcgrad", "gradnorm", "imtl")
 ]
 
 
@@ -90,7 +92,8 @@ def train(cfg: dict, rank: int, world: int) -> dict:
         opt.zero_grad()
         z, outs = net(x[lo:hi])
         losses = terms(net, z, outs, y[lo:hi], c[lo:hi])
-        lossbalance.backward(losses, balancer, net.trunk, mode=cfg["mode"])
+        features = z if cfg["mode"] == "feature" else None
+        lossbalance.backward(losses, balancer, net.trunk, features=features, mode=cfg["mode"])
         opt.step()
     return {
         "params": [full(p).detach().clone() for p in net.parameters()],

@@ -1125,6 +1125,10 @@ def _features_distributed(
     scaler: torch.amp.GradScaler | None,
     group: Any,
 ) -> Tensor:
+    from lossbalance._fsdp import is_sharded
+
+    if any(is_sharded(p) for p in params):
+        return _features_sharded(items, balancer, params, features, retain_graph, scaler, group)
     shared_ids = {id(p) for p in params}
     weigh_heads = bool(getattr(balancer, "weights_heads", False))
     others = [p for p in reachable_leaves(items) if id(p) not in shared_ids]
@@ -1172,6 +1176,85 @@ def _features_distributed(
         "grads", "a combined gradient is not finite (on some rank)", [g for _, g in writes]
     )
     _accumulate(writes)
+    return alpha.clone()
+
+
+def _features_sharded(
+    items: list[Tensor],
+    balancer: Balancer,
+    params: list[Tensor],
+    features: list[Tensor],
+    retain_graph: bool,
+    scaler: torch.amp.GradScaler | None,
+    group: Any,
+) -> Tensor:
+    r"""Feature mode on sharded (FSDP2) shared parameters: two collectives, as under DDP.
+
+    The K per-term gradients of the features z (passes through the heads only) give the
+    local Gramian; one all-reduce sums it with the loss values. Then a single
+    ``backward()`` of :math:`\sum_i c_i L_i` (``c`` the heads' coefficients, ones unless
+    the balancer has a transform or ``weights_heads``), with a hook on z that replaces
+    z's gradient by :math:`\sum_i \beta_i\, \partial L_i / \partial z`, writes every
+    FSDP-owned leaf through FSDP's reduce-scatter (averaged over the ranks): the trunk gets
+    :math:`J_z^T \sum_i \beta_i\, \partial L_i/\partial z`, the heads their terms'
+    gradients. The leaves left out of ``fully_shard`` get their gradients from the same
+    pass, averaged by a second all-reduce."""
+    from lossbalance._fsdp import is_sharded
+
+    shared_ids = {id(p) for p in params}
+    others = [p for p in reachable_leaves(items, stop=features) if id(p) not in shared_ids]
+    check_layout(
+        "lossbalance.backward",
+        3,
+        _layout_entries(len(items), params, others),
+        group,
+        items[0].device,
+    )
+    scaled = _scaled(items, scaler)
+    scale = _scale_of(scaler)
+    k = len(items)
+    zgrads: list[list[Tensor]] = []
+    gram = torch.zeros(k, k, dtype=torch.float64, device=items[0].device)
+    with torch.enable_grad():
+        for loss in scaled:
+            row = torch.autograd.grad(loss, features, retain_graph=True, allow_unused=True)
+            zgrads.append([torch.zeros_like(z) if g is None else g for z, g in zip(features, row)])
+    for j in range(len(features)):
+        _add_gramian(gram, torch.stack([zgrads[i][j] for i in range(k)]))
+    stacked = torch.stack([loss.detach() for loss in items])
+    losses, gram = all_reduce_mean([stacked, gram], group)
+    # local z-gradients are those of R L_i (each rank's loss is a mean over its shard)
+    gram = _unscale_gramian(gram / world_size(group), scale)
+    _check_finite("losses", "a loss is not finite (on some rank)", [losses])
+    alpha, beta, col_sums, own_writes = _weigh(balancer, losses, gram, shared_ids, scale)
+    weigh_heads = bool(getattr(balancer, "weights_heads", False))
+    coef = beta if weigh_heads else col_sums
+    c = torch.ones(k, dtype=torch.float64) if coef is None else coef
+    balanced = [
+        _combine(beta, torch.stack([zgrads[i][j] for i in range(k)])) for j in range(len(features))
+    ]
+    _check_finite(
+        "grads", "a combined gradient is not finite", [*balanced, *(g for _, g in own_writes)]
+    )
+    plain = [p for p in [*params, *others] if not is_sharded(p)]
+    saved = [p.grad for p in plain]
+    hooks = [z.register_hook(lambda _g, t=t: t) for z, t in zip(features, balanced)]
+    try:
+        for p in plain:
+            p.grad = None
+        total = (c.to(scaled[0]) * torch.stack([loss.reshape(()) for loss in scaled])).sum()
+        with torch.enable_grad():
+            torch.autograd.backward(total, retain_graph=retain_graph)
+        fresh = [p.grad for p in plain]
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, g in zip(plain, saved):
+            p.grad = g
+    # a leaf whose gradient FSDP consumed is one of its unsharded parameters
+    mine = [(p, g) for p, g in zip(plain, fresh) if g is not None]
+    averaged = _average_writes([p for p, _ in mine], [g for _, g in mine], group)
+    _accumulate(averaged + own_writes)
     return alpha.clone()
 
 
