@@ -24,6 +24,9 @@ with ``--threads 1`` makes the times nearly independent of other processes' load
 memory: each (model, K, variant) in a fresh process, the growth of the peak resident set
 over one step after one warm-up step.
 
+Before timing, each cell checks that ``lb-gramian`` writes the same ``.grad`` as
+``lb-exact`` (float32 rounding) and stops if not.
+
 Targets of issue 18 (printed, never asserted): gramian / autogram <= 0.8, exact / autojac
 <= 0.9, auto / best peer <= 1.0.
 
@@ -228,6 +231,16 @@ def fmt(r: tuple[float, float] | None) -> str:
     return "-" if r is None else f"{r[0]:.2f} ({r[1]:.2f})"
 
 
+def check_agreement(fns: dict[str, Any], net: Net) -> None:
+    """lb-gramian and lb-exact write the same ``.grad`` (float32 rounding): stop otherwise."""
+    written = {}
+    for name in ("lb-exact", "lb-gramian"):
+        fns[name]()
+        written[name] = [p.grad.clone() for p in net.parameters() if p.grad is not None]
+    for a, b in zip(written["lb-exact"], written["lb-gramian"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * float(a.abs().max()))
+
+
 def memory_child(args: argparse.Namespace) -> None:
     model, k, method, variant = args.child
     net, x, ys = make(model, int(k), args.batch, args.seed)
@@ -270,6 +283,7 @@ def main() -> None:
                 with report.guard(f"{model} K={k} {method}"):
                     net, x, ys = make(model, k, args.batch, args.seed)
                     fns = variants(method, net, x, ys, list(VARIANTS))
+                    check_agreement(fns, net)
                     times = interleaved(fns, repeats, args.warmup, device)
                     peers = [n for n in ("tjd-autojac", "tjd-autogram", "libmtl") if n in times]
                     best = min(peers, key=lambda n: sorted(times[n])[len(times[n]) // 2])

@@ -19,18 +19,26 @@ layer. The engine therefore
 2. runs K backward passes whose inputs are the outputs of those operations
    (``torch.autograd.graph.GradientEdge``): autograd then computes only the gradients with
    respect to activations, never the weight gradients (half a backward pass each);
-3. per operation, adds its share of the Gramian in float64 from the saved input and the K
-   output gradients, through ``X X^T`` or through the K weight gradients of that one layer,
-   whichever costs fewer multiplications, and frees the pieces at once.
+3. per operation, adds its share of the Gramian in float64. A linear layer whose
+   ``X X^T`` route costs fewer multiplications keeps its K output gradients until the
+   passes end and goes through ``X X^T``; otherwise (and for convolutions, embeddings,
+   norms, biases) each pass's output gradient is turned into that term's gradient of the
+   layer at once (one ``convolution_backward`` weight gradient, one product, a segment
+   sum) and dropped, so the layer holds K of its own gradients, not K activations.
 
 Every other parameter (one used by two operations, a non-leaf, an operation not listed
-above) is a *fallback*: its per-term gradients are inputs of the same K passes, stacked for
-that parameter only. Nothing is double-differentiated, so operations without double
-backward (``once_differentiable``, fused kernels) need no special case.
+above, batch norm in eval mode) is a *fallback*: its per-term gradients are inputs of the
+same K passes, stacked for that parameter only. Nothing is double-differentiated, so
+operations without double backward (``once_differentiable``, fused kernels) need no
+special case.
 
-Memory: the K output gradients of the recognised operations (K times their outputs, the
-activations) and the K gradients of the fallback parameters; never K gradients of every
-parameter.
+The combined gradient ``sum_i beta_i g_i`` of the parameters whose K gradients were formed
+(convolutions, norms, biases, the fallback) is a product with those stacks; one weighted
+backward pass, which only has to reach the other layers, gives the rest.
+
+Memory, beyond the graph: K output gradients of each ``X X^T`` layer (K times its output)
+and K gradients of each layer on the other routes, the fallback's included; never K
+gradients of the ``X X^T`` layers, which are the large ones when the batch is small.
 """
 
 from __future__ import annotations
