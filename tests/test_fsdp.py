@@ -10,6 +10,7 @@ the norm of the whole tensor, and FSDP averages the ranks' gradients in another 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,37 @@ def test_balancers_on_sharded_trunk_match_one_process(balancer_runs, cfg):
     torch.manual_seed(0)
     start = [p.detach() for p in balancer_worker.Net().double().parameters()]
     assert all(not torch.equal(p, q) for p, q in zip(single["params"], start))
+
+
+# ------------------------------------------------------------------ examples
+
+
+@pytest.mark.parametrize(
+    ("script", "extra", "expected"),
+    [
+        ("fsdp_mtadam.py", [], "resumed run identical to the uninterrupted one: True"),
+        ("fsdp_balancer.py", ["--mode", "feature"], "trunk identical on all 2 ranks: True"),
+    ],
+)
+def test_example_runs_under_torchrun(script, extra, expected):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(HERE.parent / "examples" / script),
+            "--steps",
+            "4",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=HERE.parent,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert expected in run.stdout
