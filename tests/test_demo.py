@@ -52,3 +52,30 @@ def test_accuracy_at_takes_the_last_evaluation_up_to_the_epoch():
     run = {"history": [{"epoch": e, "test_accuracy": 10.0 * e} for e in (0.0, 0.5, 1.0, 1.5)]}
     assert accuracy_at(run, 1) == 10.0
     assert accuracy_at(run, 5) == 15.0
+
+
+def test_the_bundled_digits_are_scikit_learns_copy_with_a_stratified_split():
+    import numpy as np
+
+    from lossbalance.experiments.data import DIGITS_FILE, load_digits_data, stratified_split
+
+    assert DIGITS_FILE.with_name("DIGITS_LICENSE.txt").is_file()
+    with np.load(DIGITS_FILE) as blob:
+        x, y = blob["images"], blob["labels"]
+    assert x.shape == (1797, 64) and x.max() == 16 and np.bincount(y).min() >= 174
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        pass
+    else:  # the very same images, in the same order
+        ref_x, ref_y = load_digits(return_X_y=True)
+        assert np.array_equal(ref_x, x) and np.array_equal(ref_y, y)
+    train, test = stratified_split(y, 0.25, seed=0)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == 1797
+    for c in range(10):  # every class split in the same proportion
+        assert abs((y[test] == c).sum() - 0.25 * (y == c).sum()) <= 0.5
+    again, _ = stratified_split(y, 0.25, seed=0)
+    other, _ = stratified_split(y, 0.25, seed=1)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    data = load_digits_data()
+    assert tuple(data.train_x.shape) == (1347, 64) and tuple(data.test_x.shape) == (450, 64)

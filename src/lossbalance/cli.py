@@ -321,7 +321,7 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
         "demo",
         help="ten weighted per-class terms on the bundled 8x8 digits (no data files, CPU, < 2 min)",
         description="Balanced Adam, unbalanced Adam and unbalanced MTAdam on ten per-class "
-        "loss terms with weights w_i ~ U(1, 1000), on scikit-learn's 8x8 digits.",
+        "loss terms with weights w_i ~ U(1, 1000), on the bundled 8x8 digits (UCI, 1797 images).",
     )
     _add_common(demo, DemoConfig, "demo")
     demo.add_argument("--hidden", type=_positive_int, help="MLP hidden width (default: 64)")

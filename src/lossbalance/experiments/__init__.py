@@ -7,8 +7,8 @@
 Each experiment module has a config dataclass and ``run(config) -> ExperimentResult``;
 :func:`~lossbalance.experiments.report.write_report` writes summary.json, results.json,
 results.md and the plots. The harness owns the training loop; the methods know nothing
-of epochs, loaders, devices or files. Needs the ``cli`` extra (tqdm, matplotlib,
-scikit-learn) for progress bars, plots and the demo's data.
+of epochs, loaders, devices or files. Needs the ``cli`` extra (tqdm, matplotlib) for progress
+bars and plots; the demo's digits ship with the package.
 """
 
 from lossbalance.experiments.harness import ExperimentConfig, TrainConfig, run_experiment, train_run

@@ -38,7 +38,7 @@ class MnistCNN(nn.Module):
 
 
 class DigitsMLP(nn.Module):
-    """A small MLP for scikit-learn's 8x8 digits: fc(64, hidden) - relu - fc(hidden, 10).
+    """A small MLP for the 8x8 digits: fc(64, hidden) - relu - fc(hidden, 10).
 
     Returns log-probabilities. Input ``(N, 64)``.
     """
