@@ -16,8 +16,13 @@ import warnings
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import fully_shard
 
 import lossbalance
@@ -84,9 +89,9 @@ def full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def train(cfg: dict, rank: int, world: int) -> dict:
-    net, balancer, opt = build(cfg, world)
-    for step in range(STEPS):
+def train(cfg: dict, rank: int, world: int, steps: range = range(STEPS), run=None) -> dict:
+    net, balancer, opt = build(cfg, world) if run is None else run
+    for step in steps:
         x, y, c = batch(step)
         lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
         opt.zero_grad()
@@ -101,12 +106,69 @@ def train(cfg: dict, rank: int, world: int) -> dict:
     }
 
 
+RESUME = dict(name="gradnorm", mode="exact")
+SPLIT = 5
+
+
+class Optimizers:
+    """The model's and the balancer's optimizers, stepped together: the state-dict helpers
+    of torch.distributed.checkpoint take only the model's parameters."""
+
+    def __init__(self, net: Net, balancer: lossbalance.Balancer) -> None:
+        self.model = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.5)
+        self.balancer = torch.optim.SGD(balancer.parameters(), lr=0.05, momentum=0.5)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+        self.balancer.zero_grad()
+
+    def step(self) -> None:
+        self.model.step()
+        self.balancer.step()
+
+
+def fresh_run(world: int):
+    net, balancer, _ = build(RESUME, world)
+    return net, balancer, Optimizers(net, balancer)
+
+
+def checkpoint(net: Net, balancer: lossbalance.Balancer, opt: Optimizers) -> dict:
+    return {
+        "model": net.state_dict(),
+        "balancer": balancer.state_dict(),
+        "optim": get_optimizer_state_dict(net, opt.model),
+        "balancer_optim": get_optimizer_state_dict(balancer, opt.balancer),
+    }
+
+
+def resume(rank: int, world: int, out: str) -> dict:
+    """GradNorm (stateful: L(0), its task weights) saved with torch.distributed.checkpoint
+    after SPLIT steps, resumed into a fresh model, balancer and optimizer."""
+    run = fresh_run(world)
+    train(RESUME, rank, world, range(SPLIT), run)
+    dcp.save(checkpoint(*run), checkpoint_id=f"{out}/balancer-ckpt")
+    done = train(RESUME, rank, world, range(SPLIT, STEPS), run)
+    fresh = fresh_run(world)
+    net2, balancer2, opt2 = fresh
+    target = checkpoint(*fresh)
+    dcp.load(target, checkpoint_id=f"{out}/balancer-ckpt")
+    net2.load_state_dict(target["model"])
+    balancer2.load_state_dict(target["balancer"])
+    set_optimizer_state_dict(net2, opt2.model, target["optim"])
+    set_optimizer_state_dict(balancer2, opt2.balancer, target["balancer_optim"])
+    return {
+        "uninterrupted": done,
+        "resumed": train(RESUME, rank, world, range(SPLIT, STEPS), fresh),
+    }
+
+
 def worker(rank: int, world: int, out: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     try:
         results = {key(cfg): train(cfg, rank, world) for cfg in CONFIGS}
+        results["resume"] = resume(rank, world, out)
         torch.save(results, f"{out}/balancers-rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -130,6 +130,15 @@ def test_balancers_on_sharded_trunk_match_one_process(balancer_runs, cfg):
     assert all(not torch.equal(p, q) for p, q in zip(single["params"], start))
 
 
+def test_stateful_balancer_resumes_bit_identically_from_dcp(balancer_runs):
+    for run in balancer_runs[:2]:
+        done, resumed = run["resume"]["uninterrupted"], run["resume"]["resumed"]
+        assert same(resumed, done)
+        for name, value in done["balancer"].items():
+            assert torch.equal(resumed["balancer"][name], value), name
+        assert int(done["balancer"]["num_steps"]) == balancer_worker.STEPS
+
+
 # ------------------------------------------------------------------ examples
 
 
