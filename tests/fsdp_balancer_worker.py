@@ -33,7 +33,7 @@ CONFIGS = [
     dict(name=name, mode=mode)
     for mode in ("exact", "feature")
     for name in ("imtl-g", "mgda", "pcgrad", "gradnorm", "imtl")
-]
+] + [dict(name="mgda", mode="exact", accumulate=2)]
 
 
 def key(cfg: dict) -> str:
@@ -95,6 +95,17 @@ def train(cfg: dict, rank: int, world: int, steps: range = range(STEPS), run=Non
         x, y, c = batch(step)
         lo, hi = rank * BATCH // world, (rank + 1) * BATCH // world
         opt.zero_grad()
+        micro = cfg.get("accumulate", 1) if world > 1 else 1
+        if micro > 1:
+            # micro-batches on the ranks, the whole batch at once in the reference
+            acc = lossbalance.Accumulator(balancer, net.trunk, mode=cfg["mode"])
+            for part in range(micro):
+                sl = slice(lo + part * (hi - lo) // micro, lo + (part + 1) * (hi - lo) // micro)
+                z, outs = net(x[sl])
+                acc.accumulate([loss / micro for loss in terms(net, z, outs, y[sl], c[sl])])
+            acc.backward()
+            opt.step()
+            continue
         z, outs = net(x[lo:hi])
         losses = terms(net, z, outs, y[lo:hi], c[lo:hi])
         features = z if cfg["mode"] == "feature" else None

@@ -1369,10 +1369,13 @@ class TermSums:
                 "lossbalance.backward(mode='feature') on sharded (fully_shard) shared "
                 "parameters is not supported yet: use mode='exact'"
             )
-        if self.count:
+        if self.count and self.stack_others:
+            # FSDP writes the heads during each micro-batch's passes, with coefficients
+            # that such a balancer knows only once all micro-batches are in
             raise NotImplementedError(
-                "lossbalance.Accumulator on sharded (fully_shard) shared parameters is not "
-                "supported yet: FSDP writes the heads' gradients during each micro-batch"
+                "lossbalance.Accumulator on sharded (fully_shard) shared parameters with a "
+                f"balancer that has a transform or weights_heads ({type(self.balancer).__name__}) "
+                "is not supported yet: balance each micro-batch with lossbalance.backward"
             )
         known = {id(p) for p in self.shared}
         candidates = [p for p in reachable_leaves(items) if id(p) not in known]
@@ -1383,16 +1386,26 @@ class TermSums:
             scaled, [*self.shared, *candidates], retain_graph=retain_graph or self.stack_others
         )
         n = len(self.shared)
-        self.grads = list(stacks[:n])
-        for p, g in zip(candidates, stacks[n:], strict=True):
+        index = {id(p): j for j, p in enumerate(self.leaves())}
+        for p, g in zip([*self.shared, *candidates], stacks, strict=True):
             if g is None:
-                continue  # an unsharded FSDP parameter: FSDP consumed its gradient
-            self.others.append(p)
-            self.grads.append(g if self.stack_others else g.sum(0))
-        self.owned = [False] * len(self.grads)
-        self.losses = torch.stack([loss.detach().reshape(()) for loss in items]).double()
+                continue  # unreached, or an unsharded FSDP parameter (FSDP took its gradient)
+            if index.get(id(p), n) >= n and not self.stack_others:
+                g = g.sum(0)
+            j = index.get(id(p))
+            if j is None:
+                index[id(p)] = len(self.grads)
+                self.others.append(p)
+                self.grads.append(g)
+            else:
+                prev = self.grads[j]
+                self.grads[j] = g if prev is None else prev.add_(g.to(prev.dtype))
+        # the stacks are fresh buffers of per_term_backward: summed in place above
+        self.owned = [True] * len(self.grads)
+        values = torch.stack([loss.detach().reshape(()) for loss in items]).double()
+        self.losses = values if self.losses is None else self.losses + values.to(self.losses)
         self.loss_like = items[0].detach()
-        self.count = 1
+        self.count += 1
 
     def _finish_sharded(
         self, group: Any, scaler: torch.amp.GradScaler | None, where: str
