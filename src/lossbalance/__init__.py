@@ -36,16 +36,23 @@ from lossbalance._uniform import FixedWeights, Uniform
 from lossbalance._aligned_mtl import AlignedMTL
 from lossbalance._cagrad import CAGrad
 from lossbalance._config import ConFIG
+from lossbalance._dbmtl import DBMTL
 from lossbalance._encodec import EnCodecBalancer
 from lossbalance._excess_mtl import ExcessMTL
 from lossbalance._fairgrad import FairGrad
+from lossbalance._graddrop import GradDrop
 from lossbalance._gradnorm import GradNorm, GradNormalization
+from lossbalance._gradvac import GradVac
 from lossbalance._imtl import IMTL, IMTLG, IMTLL
 from lossbalance._metabalance import MetaBalance
 from lossbalance._mgda import MGDA, MGDAClosedForm
+from lossbalance._moco import MoCo
+from lossbalance._modo import MoDo
 from lossbalance._nash_mtl import NashMTL
 from lossbalance._pcgrad import PCGrad
+from lossbalance._sdmgrad import SDMGrad
 from lossbalance._upgrad import DualProj, UPGrad
+from lossbalance._vector import VectorBalancer, cross_gramian
 
 # --- engine entry point ---
 # isort: split
@@ -60,6 +67,7 @@ from lossbalance._logging import TermLogger
 __version__ = "0.1.0"
 
 __all__ = [
+    "DBMTL",
     "DWA",
     "FAMO",
     "GLS",
@@ -79,8 +87,10 @@ __all__ = [
     "ExcessMTL",
     "FairGrad",
     "FixedWeights",
+    "GradDrop",
     "GradNorm",
     "GradNormalization",
+    "GradVac",
     "GradientBalancer",
     "InitialLossNormalization",
     "LossBalanceWarning",
@@ -89,17 +99,22 @@ __all__ = [
     "MTAdam",
     "MetaBalance",
     "MethodInfo",
+    "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "RandomLossWeighting",
+    "SDMGrad",
     "TermLogger",
     "UPGrad",
     "UncertaintyWeighting",
     "Uniform",
+    "VectorBalancer",
     "__version__",
     "available_methods",
     "backward",
     "create",
+    "cross_gramian",
     "get_method",
     "register",
     "term_grads",

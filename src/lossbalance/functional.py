@@ -11,16 +11,19 @@ from __future__ import annotations
 from lossbalance._aligned_mtl import aligned_mtl_weights, aligned_mtl_weights_from_gramian
 from lossbalance._cagrad import cagrad_weights, cagrad_weights_from_gramian
 from lossbalance._config import config_weights, config_weights_from_gramian
+from lossbalance._dbmtl import db_mtl_step
 from lossbalance._encodec import encodec_weights, encodec_weights_from_gramian
 from lossbalance._excess_mtl import excess_mtl_update, excess_risks
 from lossbalance._fairgrad import fairgrad_weights, fairgrad_weights_from_gramian
 from lossbalance._famo import famo_logit_grad, famo_loss
+from lossbalance._graddrop import graddrop
 from lossbalance._gradnorm import (
     grad_normalization_weights,
     grad_normalization_weights_from_gramian,
     gradnorm_weights,
     gradnorm_weights_from_gramian,
 )
+from lossbalance._gradvac import gradvac_weights, gradvac_weights_from_gramian
 from lossbalance._imtl import imtl_g_weights, imtl_g_weights_from_gramian, imtl_l_loss
 from lossbalance._metabalance import metabalance_coefficients
 from lossbalance._mgda import (
@@ -29,10 +32,13 @@ from lossbalance._mgda import (
     mgda_weights,
     mgda_weights_from_gramian,
 )
+from lossbalance._moco import moco_step
+from lossbalance._modo import modo_step
 from lossbalance._mtadam import mtadam
 from lossbalance._nash_mtl import nash_mtl_weights, nash_mtl_weights_from_gramian
 from lossbalance._pcgrad import pcgrad, pcgrad_weights, pcgrad_weights_from_gramian
 from lossbalance._rlw import rlw_weights
+from lossbalance._sdmgrad import sdmgrad_step
 from lossbalance._stch import stch_loss
 from lossbalance._upgrad import (
     dualproj_weights,
@@ -40,6 +46,7 @@ from lossbalance._upgrad import (
     upgrad_weights,
     upgrad_weights_from_gramian,
 )
+from lossbalance._vector import project_simplex
 
 __all__ = [
     "aligned_mtl_weights",
@@ -48,6 +55,7 @@ __all__ = [
     "cagrad_weights_from_gramian",
     "config_weights",
     "config_weights_from_gramian",
+    "db_mtl_step",
     "dualproj_weights",
     "dualproj_weights_from_gramian",
     "encodec_weights",
@@ -60,8 +68,11 @@ __all__ = [
     "famo_loss",
     "grad_normalization_weights",
     "grad_normalization_weights_from_gramian",
+    "graddrop",
     "gradnorm_weights",
     "gradnorm_weights_from_gramian",
+    "gradvac_weights",
+    "gradvac_weights_from_gramian",
     "imtl_g_weights",
     "imtl_g_weights_from_gramian",
     "imtl_l_loss",
@@ -70,13 +81,17 @@ __all__ = [
     "mgda_closed_form_weights_from_gramian",
     "mgda_weights",
     "mgda_weights_from_gramian",
+    "moco_step",
+    "modo_step",
     "mtadam",
     "nash_mtl_weights",
     "nash_mtl_weights_from_gramian",
     "pcgrad",
     "pcgrad_weights",
     "pcgrad_weights_from_gramian",
+    "project_simplex",
     "rlw_weights",
+    "sdmgrad_step",
     "stch_loss",
     "upgrad_weights",
     "upgrad_weights_from_gramian",
