@@ -13,6 +13,7 @@ from torch import Tensor, nn
 import lossbalance
 import lossbalance._accumulator as accumulator_module
 from lossbalance import LossBalanceWarning
+from lossbalance._validation import reset_warnings
 
 BALANCERS = [
     name
@@ -62,10 +63,16 @@ def setup(name: str, dtype=torch.float64, adam: bool = False):
     return model, balancer, opt
 
 
+# GradDrop's feature mode cannot be accumulated: its masks come from the feature gradients
+# of the whole batch, needed before each micro-batch's trunk pass (its Accumulator raises at
+# the first accumulate, see test_graddrop_feature_mode_cannot_be_accumulated)
+NO_FEATURES = {"graddrop"}
+
+
 def modes(name: str) -> list[str]:
     if lossbalance.get_method(name).needs == "losses":
         return ["auto"]
-    return ["exact", "batched", "feature"]
+    return ["exact", "batched"] + ([] if name in NO_FEATURES else ["feature"])
 
 
 # --------------------------------------------------------------------------- accumulation
@@ -108,6 +115,37 @@ def test_accumulation_equals_one_large_batch(name):
         for (key, a), b in zip(acc_bal.state_dict().items(), big_bal.state_dict().values()):
             if isinstance(a, Tensor) and a.is_floating_point():
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=(name, mode, key))
+
+
+def test_graddrop_feature_mode_cannot_be_accumulated():
+    model, balancer, _ = setup("graddrop")
+    acc = lossbalance.Accumulator(balancer, model.trunk)
+    x, y, c = data(0)
+    z, outs = model(x)
+    with pytest.raises(NotImplementedError, match="GradDrop in mode='feature' under"):
+        acc.accumulate(terms(outs, y, c), features=z)
+    assert acc.num_micro_batches == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["moco", "excess-mtl"])
+def test_vector_balancer_in_gramian_or_feature_mode_falls_back_to_exact(name):
+    # the per-term gradients they need exist in exact mode only: warned, same result
+    for mode in ("gramian", "feature"):
+        model, balancer, _ = setup(name)
+        twin, twin_balancer, _ = setup(name)
+        x, y, c = data(3)
+        z, outs = model(x)
+        reset_warnings()  # the fallback warns once per process
+        with pytest.warns(LossBalanceWarning, match="fell back to mode='exact'"):
+            w = lossbalance.backward(
+                terms(outs, y, c), balancer, model.trunk, features=z, mode=mode
+            )
+        _, outs = twin(x)
+        w_exact = lossbalance.backward(terms(outs, y, c), twin_balancer, twin.trunk, mode="exact")
+        torch.testing.assert_close(w, w_exact, rtol=0, atol=0)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
 
 
 def test_accumulation_weights_differ_from_per_micro_batch_balancing():

@@ -51,7 +51,8 @@ def test_configurations_cover_every_gradient_level_method():
     assert gradient_level and gradient_level <= names
     for name in gradient_level:  # each method raw and wrapped in DistributedDataParallel
         assert {cfg["ddp"] for cfg in CONFIGS if cfg["name"] == name} == {False, True}, name
-        assert {cfg["mode"] for cfg in CONFIGS if cfg["name"] == name} >= {"exact", "feature"}
+        second = "batched" if name in worker.NO_FEATURES else "feature"
+        assert {cfg["mode"] for cfg in CONFIGS if cfg["name"] == name} >= {"exact", second}
     assert {"uncertainty", "dwa", "initial-loss"} <= names
     for extra in ("nan", "accumulate", "scaler", "group"):
         assert any(cfg.get(extra) for cfg in CONFIGS), extra
@@ -83,7 +84,10 @@ def expected_collectives(cfg: dict) -> int:
     if cfg.get("accumulate"):
         return 1
     loss_level = lossbalance.get_method(cfg["name"]).needs == "losses"
-    return 2 if cfg["mode"] == "feature" or loss_level else 1
+    balancer = lossbalance.create(cfg["name"], 3)
+    # a VectorBalancer without accepts_features falls back to exact mode (warned)
+    exact = getattr(balancer, "needs_grads", False) and not balancer.accepts_features
+    return 2 if (cfg["mode"] == "feature" and not exact) or loss_level else 1
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=worker.key)
@@ -162,3 +166,21 @@ def test_backward_validates_process_group():
         w.grad = None
         lossbalance.backward(losses, lossbalance.Uniform(2), process_group=group, retain_graph=True)
         assert torch.equal(w.grad, torch.tensor([-1.0, -1.0]))
+
+
+def test_graddrop_feature_mode_raises_under_distributed(monkeypatch):
+    # raised before any collective (from the configuration alone), so every rank raises
+    # the same error instead of waiting for the others; nothing is written
+    import lossbalance._backward as backward_module
+
+    monkeypatch.setattr(backward_module, "resolve_group", lambda group: object())
+    torch.manual_seed(0)
+    trunk, head = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    z = trunk(torch.randn(5, 3))
+    out = head(z)
+    losses = [out[:, 0].pow(2).mean(), out[:, 1].abs().mean()]
+    balancer = lossbalance.GradDrop(2, seed=0)
+    with pytest.raises(NotImplementedError, match=r"GradDrop in mode='feature' under torch\.dist"):
+        lossbalance.backward(losses, balancer, trunk, features=z)
+    assert all(p.grad is None for p in [*trunk.parameters(), *head.parameters()])
+    assert balancer.last_weights is None

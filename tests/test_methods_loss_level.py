@@ -709,8 +709,29 @@ def test_excess_mtl_on_a_model_with_term_grads_and_through_backward():
         reference.load_state_dict(balancer.state_dict())
         alpha = balancer.weights_from_grads(stacks)  # the stacks as term_grads gives them
         torch.testing.assert_close(alpha, reference.weights_from_grads(flat), rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="needs the per-term gradients themselves"):
-        lossbalance.backward(losses, balancer, shared=trunk)
+    # through lossbalance.backward: w from the same stacks, sum_i w_i g_i in the trunk and,
+    # its loss being sum_i w_i L_i, w_i times each head's gradient
+    for mode in ("exact", "batched"):
+        z = trunk(torch.randn(8, 3, dtype=F64))
+        losses = [heads[0](z).pow(2).mean(), (heads[1](z) - 1).abs().mean()]
+        stacks = lossbalance.term_grads(losses, list(trunk.parameters()), retain_graph=True)
+        head_grads = [
+            torch.autograd.grad(t, list(h.parameters()), retain_graph=True)
+            for t, h in zip(losses, heads, strict=True)
+        ]
+        reference = ExcessMTL(2)
+        reference.load_state_dict(balancer.state_dict())
+        expected = reference.weights_from_grads(stacks)
+        for p in [*trunk.parameters(), *(q for h in heads for q in h.parameters())]:
+            p.grad = None
+        w = lossbalance.backward(losses, balancer, shared=trunk, mode=mode)
+        torch.testing.assert_close(w, expected, rtol=0, atol=0)
+        assert not torch.allclose(w, torch.full_like(w, 0.5))  # past the warm-up
+        for p, g in zip(trunk.parameters(), stacks, strict=True):
+            torch.testing.assert_close(p.grad, torch.tensordot(w.to(g), g, dims=1))
+        for i, (h, grads) in enumerate(zip(heads, head_grads, strict=True)):
+            for p, g in zip(h.parameters(), grads, strict=True):
+                torch.testing.assert_close(p.grad, w[i].to(g) * g)
 
 
 def test_excess_mtl_state_dict_round_trip_continues_bit_identically():
@@ -801,7 +822,7 @@ def test_metabalance_matches_the_authors_algorithm(relax, beta):
     ref_opt = torch.optim.SGD([*twin.parameters(), *twin_heads.parameters()], lr=0.05)
     for _ in range(4):
         opt.zero_grad()
-        balancer.backward(_metabalance_losses(trunk, heads, x), trunk)
+        lossbalance.backward(_metabalance_losses(trunk, heads, x), balancer, trunk)
         ref_opt.zero_grad()
         reference.backward(_metabalance_losses(twin, twin_heads, x), twin_heads)
         for p, q in zip(
@@ -820,7 +841,7 @@ def test_metabalance_full_relaxation_gives_every_term_the_target_magnitude_per_l
     scale = (1.0, 1e4, 1e-3)
     losses = _metabalance_losses(trunk, heads, x, scale)
     stacks = lossbalance.term_grads(losses, list(trunk.parameters()), retain_graph=True)
-    balancer.backward(losses, trunk)
+    lossbalance.backward(losses, balancer, trunk)
     c = balancer.last_coefficients
     assert c is not None
     for j, s in enumerate(stacks):
@@ -829,7 +850,9 @@ def test_metabalance_full_relaxation_gives_every_term_the_target_magnitude_per_l
     # so the written gradient does not depend on the auxiliary losses' scales
     grads = [p.grad.clone() for p in trunk.parameters()]
     trunk.zero_grad()
-    MetaBalance(3, relax_factor=1.0, beta=0.0).backward(_metabalance_losses(trunk, heads, x), trunk)
+    lossbalance.backward(
+        _metabalance_losses(trunk, heads, x), MetaBalance(3, relax_factor=1.0, beta=0.0), trunk
+    )
     for g, p in zip(grads, trunk.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-14)
 
@@ -838,14 +861,14 @@ def test_metabalance_no_relaxation_is_the_plain_sum_and_one_term_is_the_target()
     trunk, heads, x = _metabalance_problem(2)
     losses = _metabalance_losses(trunk, heads, x)
     expected = torch.autograd.grad(sum(losses), list(trunk.parameters()), retain_graph=True)
-    MetaBalance(3, relax_factor=0.0).backward(losses, trunk)
+    lossbalance.backward(losses, MetaBalance(3, relax_factor=0.0), trunk)
     for g, p in zip(expected, trunk.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
     trunk.zero_grad()
     with pytest.warns(LossBalanceWarning, match="num_terms=1 has nothing to balance"):
         one = MetaBalance(1)
     losses = _metabalance_losses(trunk, heads, x)
-    one.backward(losses[:1], trunk, retain_graph=True)
+    lossbalance.backward(losses[:1], one, trunk, retain_graph=True)
     expected = torch.autograd.grad(losses[0], list(trunk.parameters()))
     for g, p in zip(expected, trunk.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
@@ -855,15 +878,15 @@ def test_metabalance_state_dict_round_trip_continues_bit_identically():
     trunk, heads, x = _metabalance_problem(3)
     original = MetaBalance(3)
     for _ in range(2):
-        original.backward(_metabalance_losses(trunk, heads, x), trunk)
+        lossbalance.backward(_metabalance_losses(trunk, heads, x), original, trunk)
     resumed = MetaBalance(3)
     resumed.load_state_dict(copy.deepcopy(original.state_dict()))
     for _ in range(2):
         trunk.zero_grad()
-        original.backward(_metabalance_losses(trunk, heads, x), trunk)
+        lossbalance.backward(_metabalance_losses(trunk, heads, x), original, trunk)
         a = [p.grad.clone() for p in trunk.parameters()]
         trunk.zero_grad()
-        resumed.backward(_metabalance_losses(trunk, heads, x), trunk)
+        lossbalance.backward(_metabalance_losses(trunk, heads, x), resumed, trunk)
         assert all(torch.equal(g, p.grad) for g, p in zip(a, trunk.parameters(), strict=True))
         assert torch.equal(original.norm_avg, resumed.norm_avg)
 
@@ -877,14 +900,14 @@ def test_metabalance_bad_inputs_and_degenerate_gradients():
     v = torch.tensor([3.0], dtype=F64, requires_grad=True)
     balancer = MetaBalance(2)
     with pytest.raises(ValueError, match="built for 2 loss terms, got 1"):
-        balancer.backward([w.sum()], [w])
+        lossbalance.backward([w.sum()], balancer, [w])
     # the auxiliary term does not reach w: coefficient 1 on its zero gradient, finite
-    balancer.backward([w.pow(2).sum(), v.pow(2).sum() + 0 * w.sum()], [w, v])
+    lossbalance.backward([w.pow(2).sum(), v.pow(2).sum() + 0 * w.sum()], balancer, [w, v])
     assert bool(torch.isfinite(balancer.last_coefficients).all())
     torch.testing.assert_close(w.grad, 2 * w.detach())
     w.grad = None
     with pytest.warns(LossBalanceWarning, match="a loss is not finite"):
-        balancer.backward([w.sum() * math.inf, w.sum()], [w])
+        lossbalance.backward([w.sum() * math.inf, w.sum()], balancer, [w])
     assert w.grad is None
     with pytest.raises(ValueError, match="got 1 shared tensors, expected 2"):
-        balancer.backward([w.sum(), w.sum()], [w])
+        lossbalance.backward([w.sum(), w.sum()], balancer, [w])

@@ -16,6 +16,7 @@ from lossbalance._backward import (
     check_scaler,
     deferred_mode,
     shared_params,
+    vector_mode,
 )
 from lossbalance._base import Balancer
 from lossbalance._distributed import resolve_group
@@ -190,9 +191,10 @@ class Accumulator:
     def _resolve_mode(self, features: object) -> str:
         if self.balancer.kind == "loss":
             return "batched" if self.mode == "batched" else "exact"
-        return deferred_mode(
-            resolve_mode(self.mode, features), "gradient accumulation", stacklevel=5
-        )
+        # a balancer that needs the per-term gradients (VectorBalancer) combines their sums
+        # over the micro-batches: exact or batched stacks only
+        mode = vector_mode(self.balancer, resolve_mode(self.mode, features), True, stacklevel=6)
+        return deferred_mode(mode, "gradient accumulation", stacklevel=5)
 
     def __repr__(self) -> str:
         return (

@@ -1,8 +1,8 @@
 """ExcessMTL (He et al., ICML 2024): task weights from AdaGrad estimates of excess risks.
 
 Not a function of the Gramian: the excess-risk estimate weighs every coordinate of g_i by
-its own AdaGrad accumulator, so it needs the K x P per-term gradients themselves (see
-:meth:`ExcessMTL.weights_from_grads`).
+its own AdaGrad accumulator, so it needs the K x P per-term gradients themselves: a
+:class:`~lossbalance.VectorBalancer` (see :meth:`ExcessMTL.weights_from_grads`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lossbalance._base import GradientBalancer
+from lossbalance._engine import _combine
 from lossbalance._normalization import positive_floor
+from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import check_positive, warn_once
+from lossbalance._vector import VectorBalancer
 
 #: added under the square root of the accumulated squares, as the authors' code
 ADAGRAD_EPS = 1e-7
@@ -45,8 +47,8 @@ def excess_mtl_update(weights: Tensor, ratios: Tensor, step_size: float) -> Tens
     return torch.softmax(torch.log(weights) + step_size * ratios, dim=0)
 
 
-class ExcessMTL(GradientBalancer):
-    """Robust MTL with excess risks: weights raised where a term's excess risk is large.
+class ExcessMTL(VectorBalancer):
+    r"""Robust MTL with excess risks: weights raised where a term's excess risk is large.
 
     He, Zhou, Zhao & Han, "Robust Multi-Task Learning with Excess Risks", ICML 2024
     (arXiv 2402.02009), Eqs. (6), (7), (9) and Algorithm 1. With g_i(t) the gradient of
@@ -65,9 +67,12 @@ class ExcessMTL(GradientBalancer):
     **Why not a Gramian weighting.** E_i weighs each coordinate of g_i by its own
     accumulator sqrt(S_ij): it is not a function of the inner products <g_i, g_j> (two
     gradients of equal norm have different E_i), so ``weights(gramian, losses)`` cannot
-    compute it. The weights come from :meth:`weights_from_grads` with the K x P
-    per-term gradients (``lossbalance.term_grads``); ``lossbalance.backward`` does not
-    pass them yet, and calling this balancer through it raises.
+    compute it. ``lossbalance.backward`` (modes ``"exact"``/``"batched"``, also under
+    :class:`lossbalance.Accumulator` and ``torch.distributed``) hands :meth:`combine` the
+    per-term gradients of the shared parameters, which calls :meth:`weights_from_grads`
+    and returns :math:`\sum_i w_i g_i`; the heads get :math:`\sum_i w_i \partial L_i /
+    \partial \theta`. :meth:`weights_from_grads` also serves a hand-written loop, with the
+    stacks of ``lossbalance.term_grads``.
 
     State (buffers, float64): ``task_weights`` (w), ``sq_sum`` (S, K x P; sized at the
     first call), ``baseline`` (E(0), NaN until the warm-up ends), ``warmup_sum`` and
@@ -125,12 +130,18 @@ class ExcessMTL(GradientBalancer):
         if num_terms == 1:
             warn_once("excess-mtl-one-term", "ExcessMTL with num_terms=1 has nothing to balance")
 
-    def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        raise RuntimeError(
-            "ExcessMTL needs the per-term gradients themselves, not their Gramian (its "
-            "excess risks weigh each coordinate by an AdaGrad accumulator): call "
-            "balancer.weights_from_grads(lossbalance.term_grads(losses, shared), losses)"
-        )
+    def combine(
+        self,
+        grads: list[Tensor],
+        losses: Tensor,
+        *,
+        inputs: list[Tensor],
+        features: bool,
+    ) -> tuple[list[Tensor], Tensor]:
+        """``(sum_i w_i g_i per tensor, w)`` with w from :meth:`weights_from_grads`."""
+        self._check_terms(losses)
+        w = self.weights_from_grads(grads, losses)
+        return [_combine(w, g) for g in grads], w
 
     @torch.no_grad()
     def weights_from_grads(
@@ -218,3 +229,15 @@ class ExcessMTL(GradientBalancer):
             f"num_terms={self.num_terms}, step_size={self.step_size}, "
             f"warmup_steps={self.warmup_steps}"
         )
+
+
+register(
+    MethodInfo(
+        name="excess-mtl",
+        factory=ExcessMTL,
+        needs="grads",
+        stateful=True,
+        paper="He et al., ICML 2024",
+        summary="exponentiated-gradient weights from AdaGrad estimates of excess risks",
+    )
+)

@@ -283,7 +283,14 @@ def make_stepper(
     options = {**_EXPERIMENT_OPTIONS.get(spec.base, {}), **spec.options}
     balancer = lossbalance.create(spec.base, num_terms, **options).to(cfg.device)
     optimizer = torch.optim.Adam([*params, *balancer.parameters()], lr=cfg.lr, **adam)
-    use_features = cfg.grad_source == "features" and getattr(balancer, "kind", "") == "gradient"
+    # a VectorBalancer that combines the parameters' per-term gradients (MoCo, DB-MTL,
+    # ExcessMTL, MetaBalance) has no use for the features: exact mode, without the warning
+    # of lossbalance.backward's fallback
+    use_features = (
+        cfg.grad_source == "features"
+        and getattr(balancer, "kind", "") == "gradient"
+        and (not getattr(balancer, "needs_grads", False) or balancer.accepts_features)
+    )
     shared = model if task is None else task.shared(model)
     return _BalancerStepper(optimizer, balancer, shared, use_features)
 
