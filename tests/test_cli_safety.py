@@ -47,10 +47,10 @@ def test_plan_and_estimate_are_printed_before_and_during_training(tmp_path, caps
     plan = next(line for line in out.splitlines() if line.startswith("Plan:"))
     assert "1 rows x 2 seeds = 2 runs (2 to train)" in plan and "Rows: adam" in plan
     assert "at most 10 steps per epoch, on cpu" in plan
-    estimate = next(line for line in out.splitlines() if line.startswith("Estimate:"))
-    assert "10 steps per run" in estimate and "(first 10 steps)" in estimate
+    estimate = next(line for line in out.splitlines() if line.startswith("Estimate"))
+    assert estimate.startswith("Estimate from the first 10 steps of the first run: 10 steps")
     assert "for the 2 run(s) to train" in estimate
-    assert out.index("Plan:") < out.index("Estimate:") < out.index("| Method")
+    assert out.index("Plan:") < out.index("Estimate") < out.index("| Method")
 
 
 def test_help_shows_the_real_default_rows(capsys):

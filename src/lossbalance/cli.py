@@ -617,10 +617,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
     def estimate(steps: int, seconds_per_step: float) -> None:
         per_run = steps * seconds_per_step
         _out(
-            f"Estimate: {steps} steps per run at {seconds_per_step * 1e3:.3g} ms per step "
-            f"(first {min(steps, harness._ESTIMATE_AFTER)} steps): {_duration(per_run)} per "
-            f"run, about {_duration(per_run * to_train / max(1, config.jobs))} for the "
-            f"{to_train} run(s) to train"
+            f"Estimate from the first {min(steps, harness._ESTIMATE_AFTER)} steps of the "
+            f"first run: {steps} steps per run at {seconds_per_step * 1e3:.3g} ms per step, "
+            f"{_duration(per_run)} per run, about "
+            f"{_duration(per_run * to_train / max(1, config.jobs))} for the {to_train} "
+            "run(s) to train if every row costs as much (rows differ: a gradient-level "
+            "balancer takes K backward passes per step)"
         )
 
     def checkpoint(record: dict[str, Any]) -> None:
