@@ -911,3 +911,16 @@ def test_metabalance_bad_inputs_and_degenerate_gradients():
     assert w.grad is None
     with pytest.raises(ValueError, match="got 1 shared tensors, expected 2"):
         lossbalance.backward([w.sum(), w.sum()], balancer, [w])
+
+
+def test_metabalance_refuses_a_state_of_another_number_of_terms():
+    # m is sized lazily (K x 0 until the first call): a K+1 state, trained or not, must be
+    # refused rather than resize m, and the refused load changes nothing
+    trunk, heads, x = _metabalance_problem(4)
+    balancer = MetaBalance(3)
+    lossbalance.backward(_metabalance_losses(trunk, heads, x), balancer, trunk)
+    before = balancer.norm_avg.clone()
+    for other in (MetaBalance(4), MetaBalance(2)):
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            balancer.load_state_dict(other.state_dict())
+        assert torch.equal(balancer.norm_avg, before)

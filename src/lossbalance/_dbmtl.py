@@ -183,7 +183,13 @@ class DBMTL(VectorBalancer):
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         saved = state_dict.get(prefix + "average")
-        if isinstance(saved, Tensor) and saved.shape != self.average.shape:
+        # only the lazily sized dimension may differ: a state of another K must be refused
+        if (
+            isinstance(saved, Tensor)
+            and saved.shape != self.average.shape
+            and saved.shape[:1] == self.average.shape[:1]
+            and saved.dim() == self.average.dim()
+        ):
             self.average = torch.zeros_like(saved, device=self.average.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

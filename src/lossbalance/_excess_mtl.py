@@ -220,7 +220,12 @@ class ExcessMTL(VectorBalancer):
     ) -> None:
         # S is sized at the first call: take the saved size before loading
         saved = state_dict.get(prefix + "sq_sum")
-        if isinstance(saved, Tensor) and saved.shape != self.sq_sum.shape:
+        if (
+            isinstance(saved, Tensor)
+            and saved.shape != self.sq_sum.shape
+            and saved.shape[:1] == self.sq_sum.shape[:1]
+            and saved.dim() == 2
+        ):
             self.sq_sum = torch.zeros_like(saved, device=self.sq_sum.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -244,7 +244,12 @@ class GradVac(VectorBalancer):
     ) -> None:
         # per layer, the targets are sized at the first call: take the saved size first
         saved = state_dict.get(prefix + "targets")
-        if isinstance(saved, Tensor) and saved.shape != self.targets.shape:
+        # (only the number of layers may differ: targets of another K are refused)
+        if (
+            isinstance(saved, Tensor)
+            and saved.shape != self.targets.shape
+            and saved.shape[1:] == self.targets.shape[1:]
+        ):
             self.targets = torch.zeros_like(saved, device=self.targets.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -155,7 +155,13 @@ class MetaBalance(VectorBalancer):
     ) -> None:
         # m is sized at the first call: take the saved size before loading
         saved = state_dict.get(prefix + "norm_avg")
-        if isinstance(saved, Tensor) and saved.shape != self.norm_avg.shape:
+        # (a state of another K keeps the K x 0 shape, which the load then refuses)
+        if (
+            isinstance(saved, Tensor)
+            and saved.shape != self.norm_avg.shape
+            and saved.shape[:1] == self.norm_avg.shape[:1]
+            and saved.dim() == 2
+        ):
             self.norm_avg = torch.zeros_like(saved, device=self.norm_avg.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -169,7 +169,12 @@ class MoCo(VectorBalancer):
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         saved = state_dict.get(prefix + "y")
-        if isinstance(saved, Tensor) and saved.shape != self.y.shape:
+        if (
+            isinstance(saved, Tensor)
+            and saved.shape != self.y.shape
+            and saved.shape[:1] == self.y.shape[:1]
+            and saved.dim() == 2
+        ):
             self.y = torch.zeros_like(saved, device=self.y.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

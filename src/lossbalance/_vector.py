@@ -41,9 +41,15 @@ class VectorBalancer(GradientBalancer):
     (GradVac over the whole model, DB-MTL with averaged norms) sets it to ``False`` there,
     and the engine then calls :meth:`weights` with the Gramian as for any
     :class:`~lossbalance.GradientBalancer`. With ``needs_grads`` set, ``mode="gramian"``
-    raises (it never holds the per-term gradients), and so do
-    :class:`lossbalance.Accumulator` and ``torch.distributed`` (their deferred paths
-    balance a Gramian).
+    (which never holds the per-term gradients) falls back to ``"exact"``, warned once, and
+    so does ``mode="feature"`` for a balancer without :attr:`accepts_features`.
+    :class:`lossbalance.Accumulator` sums the stacks over the micro-batches and
+    ``torch.distributed`` averages them over the ranks (in the one all-reduce of the
+    exact path); ``combine`` then runs once, on every rank, as on one large batch. So
+    ``combine`` must be deterministic given its inputs and state (a random one draws from
+    its own seeded generator, seeded alike on every rank). Feature mode of a balancer
+    that accepts features (GradDrop) raises under both: the masks need the feature
+    gradients of the whole batch before the trunk pass of each shard.
 
     State that follows the shared tensors (MoCo's y) is kept flat, ``(K, P)`` in the order
     of ``shared``, and sized at the first call.
@@ -65,9 +71,9 @@ class VectorBalancer(GradientBalancer):
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         raise RuntimeError(
-            f"{type(self).__name__} needs the per-term gradients, not their Gramian: this "
-            "path (lossbalance.Accumulator, torch.distributed or a direct weights() call) "
-            "only has the Gramian; call lossbalance.backward with mode='exact' or 'batched'"
+            f"{type(self).__name__} needs the per-term gradients, not their Gramian: call "
+            "lossbalance.backward (or lossbalance.Accumulator) with mode='exact' or "
+            "'batched', or combine() with the per-term stacks"
         )
 
 
