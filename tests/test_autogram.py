@@ -294,3 +294,17 @@ def test_term_gramian_auto_uses_the_engine(monkeypatch):
     torch.testing.assert_close(gram, reference(losses, list(lin.parameters())))
     lossbalance.term_gramian(losses, list(lin.parameters()), features=z, retain_graph=True)
     assert calls == [1]  # features given: feature mode
+
+
+def test_records_no_graph_that_keeps_output_gradients():
+    # the saved input and weight of a layer require grad: a weight gradient formed from them
+    # in grad mode recorded a graph holding that term's output gradient (K of them in all)
+    conv, norm = nn.Conv2d(2, 3, 3), nn.LayerNorm(3)
+    x = torch.randn(2, 2, 6, 6, requires_grad=True)
+    h = norm(conv(x).relu().mean((2, 3)))
+    params = [*conv.parameters(), *norm.parameters()]
+    with torch.enable_grad():
+        res = autogram(terms(h), params, [], None)
+    assert len(res.held) == 4
+    assert not res.gramian.requires_grad
+    assert not any(g.requires_grad for _, g in res.held)

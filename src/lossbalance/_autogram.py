@@ -105,6 +105,18 @@ def autogram(
     Returns:
         An :class:`Autogram`. The graph is kept (a weighted backward follows).
     """
+    # the saved inputs and weights require grad: products of them outside no_grad would
+    # record a graph that keeps every term's output gradient alive
+    with torch.no_grad():
+        return _autogram(losses, shared, extra, extra_weights)
+
+
+def _autogram(
+    losses: Sequence[Tensor],
+    shared: Sequence[Tensor],
+    extra: Sequence[Tensor],
+    extra_weights: Tensor | None,
+) -> Autogram:
     k = len(losses)
     device = losses[0].device
     acc = torch.device("cpu") if device.type == "mps" else device
