@@ -25,7 +25,8 @@ memory: each (model, K, variant) in a fresh process, the growth of the peak resi
 over one step after one warm-up step.
 
 Before timing, each cell checks that ``lb-gramian`` writes the same ``.grad`` as
-``lb-exact`` (float32 rounding) and stops if not.
+``lb-exact`` (to 1e-3 of the largest entry: float32 rounding, amplified by PCGrad's
+projections) and stops if not.
 
 Targets of issue 18 (printed, never asserted): gramian / autogram <= 0.8, exact / autojac
 <= 0.9, auto / best peer <= 1.0.
@@ -234,14 +235,16 @@ def fmt(r: tuple[float, float] | None) -> str:
 
 
 def check_agreement(fns: dict[str, Any], net: Net) -> None:
-    """lb-gramian and lb-exact write the same ``.grad`` (float32 rounding): stop otherwise."""
+    """lb-gramian and lb-exact write the same ``.grad`` (to float32 rounding): else stop."""
     written = {}
     for name in ("lb-exact", "lb-gramian"):
         torch.manual_seed(0)  # PCGrad's random order of the terms
         fns[name]()
         written[name] = [p.grad.clone() for p in net.parameters() if p.grad is not None]
     for a, b in zip(written["lb-exact"], written["lb-gramian"], strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * float(a.abs().max()))
+        # float32: PCGrad's projections amplify the Gramian's rounding (float64 agrees to
+        # 1e-9, tests/test_autogram.py)
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * float(a.abs().max()))
 
 
 def memory_child(args: argparse.Namespace) -> None:

@@ -208,7 +208,7 @@ def test_never_holds_k_gradients_of_a_layer():
     torch.testing.assert_close(gram, reference(losses, list(lin.parameters())))
 
 
-@pytest.mark.parametrize("method", ["imtl-g", "mgda", "upgrad"])
+@pytest.mark.parametrize("method", ["imtl-g", "mgda", "upgrad", "pcgrad"])
 def test_backward_matches_exact_mode(method):
     k = 3
 
