@@ -256,10 +256,9 @@ class Counter(torch.autograd.Function):
 
 @pytest.mark.parametrize(
     ("mode", "head_passes", "trunk_passes"),
-    # gramian: K create-graph passes over all terms at once (the trick needs v(w) = J^T w
-    # with w over every term) + the final pass; its K double backwards run the backward
-    # graph, not these first-order backward functions
-    [("exact", 1, 3), ("batched", 1, 1), ("gramian", 4, 4), ("feature", 1, 1)],
+    # gramian (lossbalance._autogram): one pass per term from the losses to the trunk's
+    # layer outputs, then one weighted pass that reaches every layer (no double backward)
+    [("exact", 1, 3), ("batched", 1, 1), ("gramian", 2, 4), ("feature", 1, 1)],
 )
 @pytest.mark.parametrize("kind", ["fixed", "learned-scale"])
 def test_backward_passes_per_head_and_trunk(mode, head_passes, trunk_passes, kind, dtype, device):

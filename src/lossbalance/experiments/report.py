@@ -168,6 +168,10 @@ def write_json(path: str | Path, obj: Any, *, compact: bool = False) -> Path:
     return write_text_atomic(path, text + "\n")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``:
     a kill or a full disk leaves the old file or the new one, never half of one."""
@@ -175,6 +179,8 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600): give it the mode a plain open() would
+        os.chmod(name, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -392,7 +398,7 @@ def plot_metrics(
             x, mean, std = _mean_curve(runs, key)
             longest = max(longest, int(np.isfinite(mean).sum()))
             color = colors.setdefault(row, cmap(methods.index(runs[0]["method"]) % cmap.N))
-            style = "--" if groups.index(runs[0]["group"]) > 0 else "-"
+            style = _GROUP_STYLES[groups.index(runs[0]["group"]) % len(_GROUP_STYLES)]
             ax.plot(x, mean, style, color=color, label=row, marker="." if len(x) < 12 else None)
             if len(runs) > 1:
                 ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
@@ -422,18 +428,56 @@ def plot_metrics(
         ax.set_ylabel(title)
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    ncol = min(4, max(1, len(labels)))
-    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
     fig.suptitle(f"{result.title}: {subject} (mean ± std over {len(result.seeds)} seed(s))")
-    legend_rows = math.ceil(len(labels) / ncol)
-    fig.tight_layout(rect=(0, min(0.35, (0.035 * legend_rows + 0.03) / nrows), 1, 0.95))
+    _legend(fig, result, axes, groups, colors)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
+
+#: line styles of the column groups, in order (the first group solid)
+_GROUP_STYLES = ("-", "--", ":", "-.")
+
+
+def _legend(fig: Any, result: ExperimentResult, axes: Any, groups: list[Any], colors: dict) -> None:
+    """One legend entry per method (its colour) and one per column group (its line
+    style), beside the panels, so that many rows and groups never cover the curves."""
+    from matplotlib.lines import Line2D
+
+    method_rows: dict[str, str] = {}
+    for row in result.rows:
+        run = next((r for r in result.runs if r["row"] == row), None)
+        if run is not None and row in colors:
+            method_rows.setdefault(run["method"], row)
+    handles = []
+    for row in method_rows.values():
+        label = row.split(" [")[0] if len(groups) > 1 else row
+        handles.append(Line2D([], [], color=colors[row], label=label))
+    if len(groups) > 1:
+        handles += [
+            Line2D(
+                [], [], color="0.3", linestyle=_GROUP_STYLES[i % len(_GROUP_STYLES)], label=str(g)
+            )
+            for i, g in enumerate(groups)
+        ]
+    if not handles:
+        return
+    ncol = math.ceil(len(handles) / 32)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(
+        handles=handles,
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        ncol=ncol,
+        fontsize=7,
+        title="columns: line style" if len(groups) > 1 else None,
+        title_fontsize=7,
+    )
+
+
+_MAX_TRACE_PANELS = 36
 
 _TRACES = {
     "weights": ("weight applied to each term", "balancer weights"),
@@ -461,6 +505,12 @@ def plot_traces(result: ExperimentResult, path: str | Path, key: str = "weights"
             panels.append((row, run))
     if not panels:
         return None
+    groups = list(dict.fromkeys(run["group"] for _, run in panels))
+    if len(panels) > _MAX_TRACE_PANELS and len(groups) > 1:
+        # one panel per row of the first column group: the other groups' rows are the
+        # same methods on other data, and a figure of a hundred panels helps nobody
+        panels = [(row, run) for row, run in panels if run["group"] == groups[0]]
+    panels = panels[:_MAX_TRACE_PANELS]
     series = []
     for _, run in panels:
         pairs = [
