@@ -322,6 +322,8 @@ def test_log_dir_writes_term_csv(tmp_path):
         "Balanced-Adam-seed0.csv",
         "Unbalanced-Adam-seed0.csv",
         "Unbalanced-MTAdam-seed0.csv",
+        "Unbalanced-imtl-g-seed0.csv",
+        "Unbalanced-uncertainty-seed0.csv",
     ]
     lines = (logs / "Unbalanced-MTAdam-seed0.csv").read_text().splitlines()
     header = lines[0].split(",")

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -438,7 +438,7 @@ def plot_metrics(
 
 
 #: line styles of the column groups, in order (the first group solid)
-_GROUP_STYLES = ("-", "--", ":", "-.")
+_GROUP_STYLES: tuple[Literal["-", "--", ":", "-."], ...] = ("-", "--", ":", "-.")
 
 
 def _legend(fig: Any, result: ExperimentResult, axes: Any, groups: list[Any], colors: dict) -> None:
