@@ -65,5 +65,8 @@ def create(name: str, num_terms: int, **kwargs: Any) -> Any:
 
 
 def _load_builtin() -> None:
-    # Importing the package registers every built-in method (each module registers itself).
-    import lossbalance  # noqa: F401
+    # Importing the method modules registers every built-in method (each registers itself);
+    # the package imports them lazily, so ask for all of them.
+    import lossbalance
+
+    lossbalance._import_all()

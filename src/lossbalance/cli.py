@@ -294,6 +294,40 @@ def _add_gan(
     )
 
 
+# every command and its one-line help: the full parser and the light one of `--help` (which
+# answers without importing torch) are built from this table
+_COMMANDS: dict[str, str] = {
+    "list": "list the methods of the registry",
+    "demo": "ten weighted per-class terms on the bundled 8x8 digits (no data files, CPU, < 2 min)",
+    "mnist": "MTAdam paper, Table 1: MNIST with ten weighted per-class terms",
+    "multimnist": "IMTL paper, Table 1 protocol: MultiMNIST, three tasks, one loss rescaled",
+    "pix2pix": "MTAdam paper, pix2pix: Fashion-MNIST edges -> image, L1 + GAN",
+    "srgan": "MTAdam paper, SRGAN: 4x super-resolution of Fashion-MNIST, MSE + GAN + perceptual",
+    "cyclegan": "MTAdam paper, CycleGAN: unpaired MNIST <-> Fashion-MNIST, six terms",
+    "bench": "every method on the toy problem, Multi-MNIST/-Fashion/-(Fashion+MNIST), UCI "
+    "Energy and Parkinsons (and x1000 variants), per-class MNIST: Δm%% and ranks",
+}
+
+
+def _light_parser(prog: str) -> argparse.ArgumentParser:
+    """The top-level parser without the commands' options: `lossbalance --help`,
+    `--version` and a missing command, answered without importing torch."""
+    from lossbalance import __version__
+
+    parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"lossbalance {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in _COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+_DESCRIPTION = (
+    "Automatic balancing of multi-term losses: MTAdam and the multi-task balancing methods, "
+    "with the experiments of their papers."
+)
+
+
 def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
     """The argument parser of the command line."""
     import lossbalance
@@ -305,21 +339,17 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
     from lossbalance.experiments.pix2pix import Pix2PixConfig
     from lossbalance.experiments.srgan import SrganConfig
 
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Automatic balancing of multi-term losses: MTAdam and the multi-task "
-        "balancing methods, with the experiments of their papers.",
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTION)
     parser.add_argument(
         "--version", action="version", version=f"lossbalance {lossbalance.__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("list", help="list the methods of the registry", description="List the methods.")
+    sub.add_parser("list", help=_COMMANDS["list"], description="List the methods.")
 
     demo = sub.add_parser(
         "demo",
-        help="ten weighted per-class terms on the bundled 8x8 digits (no data files, CPU, < 2 min)",
+        help=_COMMANDS["demo"],
         description="Balanced Adam, unbalanced Adam and unbalanced MTAdam on ten per-class "
         "loss terms with weights w_i ~ U(1, 1000), on the bundled 8x8 digits (UCI, 1797 images).",
     )
@@ -336,7 +366,7 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
 
     mnist = sub.add_parser(
         "mnist",
-        help="MTAdam paper, Table 1: MNIST with ten weighted per-class terms",
+        help=_COMMANDS["mnist"],
         description="The MTAdam paper's MNIST protocol: MNIST-example CNN, 1 epoch, batch 64, "
         "lr 1e-3, ten per-class terms L_i = w_i * sum of class-i NLL / batch size.",
     )
@@ -362,7 +392,7 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
 
     multi = sub.add_parser(
         "multimnist",
-        help="IMTL paper, Table 1 protocol: MultiMNIST, three tasks, one loss rescaled",
+        help=_COMMANDS["multimnist"],
         description="MultiMNIST (left digit, right digit, reconstruction) with the losses as "
         "they are and with one task's loss multiplied by --scale; |Δ| per method.",
     )
@@ -387,7 +417,7 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
 
     pix = sub.add_parser(
         "pix2pix",
-        help="MTAdam paper, pix2pix: Fashion-MNIST edges -> image, L1 + GAN",
+        help=_COMMANDS["pix2pix"],
         description="pix2pix-style edges -> image on Fashion-MNIST (U-Net, PatchGAN): "
         "L = λ1·L1 + λ2·GAN, Balanced-Adam λ = (100, 1) against SGD-M, RMSProp, Adam and "
         "MTAdam on λ = (100, 100). Test L1, L2, NMSE, PSNR, SSIM and FD-FMNIST.",
@@ -402,7 +432,7 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
 
     sr = sub.add_parser(
         "srgan",
-        help="MTAdam paper, SRGAN: 4x super-resolution of Fashion-MNIST, MSE + GAN + perceptual",
+        help=_COMMANDS["srgan"],
         description="SRGAN-style 7x7 -> 28x28 super-resolution of Fashion-MNIST: "
         "L = λ1·MSE + λ2·GAN + λ3·perceptual, Balanced-Adam λ = (1, 0.001, 0.006) against "
         "SGD-M, RMSProp, Adam and MTAdam on λ = (1, 1, 1). Test PSNR, SSIM and FD-FMNIST.",
@@ -413,7 +443,7 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
 
     cyc = sub.add_parser(
         "cyclegan",
-        help="MTAdam paper, CycleGAN: unpaired MNIST <-> Fashion-MNIST, six terms",
+        help=_COMMANDS["cyclegan"],
         description="CycleGAN-style unpaired translation between MNIST and Fashion-MNIST with "
         "the six CycleGAN terms (2 GAN, 2 cycle, 2 identity): Balanced-Adam λ = "
         "(1, 1, 10, 10, 5, 5) against SGD-M, RMSProp, Adam and MTAdam on all λ = 1. Test "
@@ -429,8 +459,7 @@ def build_parser(prog: str = "lossbalance") -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="every method on the toy problem, Multi-MNIST/-Fashion/-(Fashion+MNIST), UCI "
-        "Energy and Parkinsons (and x1000 variants), per-class MNIST: Δm%% and ranks",
+        help=_COMMANDS["bench"],
         description="Every method on the small offline MTL benchmarks: per-task metrics, "
         "Δm% against equal weighting (Adam on the sum), ranks, time per step, and one "
         "overall ranking. --epochs, --batch-size, --train-limit, --test-limit apply to the "
@@ -513,6 +542,8 @@ def _list_methods() -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
     """Run the command line; returns the exit status (argparse exits 2 on bad syntax)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in _COMMANDS for a in argv):  # top-level help, version or a bad command
+        _light_parser(prog).parse_args(argv)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     command = " ".join([prog, shlex.join(argv)])

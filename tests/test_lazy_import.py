@@ -1,0 +1,59 @@
+"""`import lossbalance` and `lossbalance --help` answer without importing torch; the lazy
+table of public names is the one the type checkers see."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import lossbalance
+from lossbalance import cli
+
+INIT = Path(lossbalance.__file__)
+
+
+def run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_import_and_help_do_not_import_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "import lossbalance\n"
+        "from lossbalance.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules, 'bench' in buf.getvalue())\n"
+    )
+    assert run(code).split() == ["False", "True"]
+
+
+def test_the_light_parser_lists_every_command_of_the_full_one():
+    def commands(parser):
+        (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+        return {a.dest: a.help for a in sub._choices_actions}
+
+    assert commands(cli._light_parser("lossbalance")) == commands(cli.build_parser())
+
+
+def test_the_lazy_table_is_the_type_checkers_view_and_every_name_resolves():
+    tree = ast.parse(INIT.read_text())
+    (guard,) = [n for n in tree.body if isinstance(n, ast.If)]  # if TYPE_CHECKING:
+    seen = {a.name: n.module for n in guard.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert seen == lossbalance._EXPORTS
+    assert set(lossbalance.__all__) == {*lossbalance._EXPORTS, "__version__"}
+    for name in lossbalance._EXPORTS:
+        assert getattr(lossbalance, name) is not None
+
+
+def test_the_registry_holds_every_method_in_a_fresh_process():
+    names = run("import lossbalance; print(' '.join(lossbalance.available_methods()))").split()
+    assert len(names) >= 30 and {"mtadam", "imtl-g", "upgrad", "famo", "moco"} <= set(names)
