@@ -175,6 +175,9 @@ def test_bench_quick_writes_every_output_and_reports_again(
     assert "Reporting: 10 run(s)" in capsys.readouterr().out
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["overall"] == data["overall"]
+    # --no-plots removes the pictures of the earlier command, the bench's own ones too
+    assert main([*args, "--report-only", "--no-plots"]) == 0
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "toy").exists()
 
 
 @needs_data

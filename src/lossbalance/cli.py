@@ -715,6 +715,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
     )
     if args.command == "bench" and not args.no_plots:
         paths += bench.write_plots(result, out)
+    elif args.command == "bench":  # no stale pictures beside results they do not show
+        bench.remove_plots(out)
     _out((out / "results.md").read_text().rstrip())
     _out()
     _out("Wrote:")

@@ -567,6 +567,19 @@ def _notes(
     return notes
 
 
+def remove_plots(out_dir: str | Path) -> None:
+    """Remove the pictures :func:`write_plots` makes (``--no-plots``: an earlier command's
+    toy pictures and Δm map must not sit beside results they do not show)."""
+    out = Path(out_dir)
+    for name in ("toy.png", "delta_m.png"):
+        (out / name).unlink(missing_ok=True)
+    if (out / "toy").is_dir():
+        for png in (out / "toy").glob("*.png"):
+            png.unlink()
+        if not any((out / "toy").iterdir()):
+            (out / "toy").rmdir()
+
+
 def write_plots(result: ExperimentResult, out_dir: str | Path) -> list[Path]:
     """The toy pictures and the Δm heat map (``delta_m.png``) beside the report."""
     import matplotlib
