@@ -543,3 +543,41 @@ def test_log_loss_balancers_warn_per_instance(name):
         balancer = lossbalance.create(name, 2)
         with pytest.warns(lossbalance.LossBalanceWarning, match="clamped"):
             balancer(losses)
+
+
+def test_initial_loss_normalization_with_a_given_prior():
+    from lossbalance import InitialLossNormalization
+
+    # the slides' estimate: a uniform K-class prediction starts at log K
+    balancer = InitialLossNormalization(3, prior="log-classes", num_classes=[10, None, 4])
+    losses = torch.tensor([2.0, 5.0, 1.0], dtype=torch.float64, requires_grad=True)
+    balancer(losses)
+    expected = torch.tensor([np.log(10), 5.0, np.log(4)], dtype=torch.float64)
+    torch.testing.assert_close(balancer.prior, expected)  # only the None entry measured
+    torch.testing.assert_close(balancer.last_weights, 1 / expected)
+    balancer(torch.tensor([9.0, 9.0, 9.0], dtype=torch.float64, requires_grad=True))
+    torch.testing.assert_close(balancer.prior, expected)  # frozen after the warm-up
+
+    given = lossbalance.create("initial-loss", 2, prior=[0.5, 2.0])
+    given(torch.tensor([3.0, 3.0], dtype=torch.float64, requires_grad=True))
+    torch.testing.assert_close(given.last_weights, torch.tensor([2.0, 0.5], dtype=torch.float64))
+    twin = lossbalance.create("initial-loss", 2, prior=[0.5, 2.0])
+    twin.load_state_dict(given.state_dict())  # the mask is an argument, not state
+    assert "prior=[0.5, 2.0]" in repr(given)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prior": [1.0]}, r"Invalid prior: \[1.0\] \(expected 2 values\)"),
+        ({"prior": [1.0, -1.0]}, r"Invalid prior entry: -1.0 \(expected a finite number > 0\)"),
+        ({"prior": [1.0, float("inf")]}, r"Invalid prior entry: inf"),
+        ({"prior": "log"}, r"Invalid prior: 'log' \(expected 'log-classes' or K values\)"),
+        ({"prior": "log-classes"}, r"needs num_classes with one class count per term \(2\)"),
+        ({"prior": "log-classes", "num_classes": [1, 3]}, r"Invalid num_classes entry: 1"),
+        ({"num_classes": [3, 3]}, r"num_classes is used with prior='log-classes' only"),
+    ],
+)
+def test_initial_loss_prior_is_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lossbalance.InitialLossNormalization(2, **kwargs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -94,6 +97,13 @@ class InitialLossNormalization(LossBalancer):
         num_terms: K >= 1, the number of loss terms.
         warmup_steps: N >= 1 (default 1): the number of first calls whose losses are
             averaged into the prior. With N = 1 the prior is the first loss.
+        prior: given values instead of measured ones (the MTL slides' "use the initial
+            value as the weight ... or roughly estimate it"): a sequence of K positive
+            finite numbers, ``None`` entries measured as above; or ``"log-classes"``, the
+            initial loss of a uniform K-class prediction, P_i = log C_i, with
+            ``num_classes`` (C_i >= 2; ``None`` entries measured). Default ``None``: all
+            measured.
+        num_classes: the class counts C_i for ``prior="log-classes"``.
 
     A negative prior (a negative loss during the warm-up) divides by its magnitude
     ``|P_i|`` instead, so the term keeps a positive weight, with a one-time warning per
@@ -123,21 +133,35 @@ class InitialLossNormalization(LossBalancer):
 
     prior: Tensor
     num_calls: Tensor
+    _measured: Tensor
 
-    def __init__(self, num_terms: int, warmup_steps: int = 1) -> None:
+    def __init__(
+        self,
+        num_terms: int,
+        warmup_steps: int = 1,
+        prior: str | Sequence[float | None] | None = None,
+        num_classes: Sequence[int | None] | None = None,
+    ) -> None:
         super().__init__(num_terms)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (expected an integer >= 1)")
         self.warmup_steps = warmup_steps
-        self.register_buffer("prior", torch.zeros(num_terms, dtype=torch.float64))
+        given = _given_prior(num_terms, prior, num_classes)
+        self.given_prior = given
+        self.register_buffer("prior", torch.tensor([v or 0.0 for v in given], dtype=torch.float64))
         self.register_buffer("num_calls", torch.zeros((), dtype=torch.int64))
+        # which entries are given: derived from the arguments, so not saved
+        self.register_buffer(
+            "_measured", torch.tensor([v is None for v in given]), persistent=False
+        )
 
     def forward(self, losses: Tensor) -> Tensor:
         self._check_terms(losses)
         n = int(self.num_calls)
         if n < self.warmup_steps:
             current = losses.detach().to(self.prior)
-            self.prior.add_((current - self.prior) / (n + 1))
+            step = torch.where(self._measured, (current - self.prior) / (n + 1), 0.0)
+            self.prior.add_(step)
             self.num_calls.add_(1)
         combined, weights = normalized_loss(
             losses, self.prior, warn_key=self._warning_key("initial-loss")
@@ -146,7 +170,45 @@ class InitialLossNormalization(LossBalancer):
         return combined
 
     def extra_repr(self) -> str:
-        return f"num_terms={self.num_terms}, warmup_steps={self.warmup_steps}"
+        text = f"num_terms={self.num_terms}, warmup_steps={self.warmup_steps}"
+        if any(v is not None for v in self.given_prior):
+            text += f", prior={list(self.given_prior)}"
+        return text
+
+
+def _given_prior(
+    num_terms: int,
+    prior: str | Sequence[float | None] | None,
+    num_classes: Sequence[int | None] | None,
+) -> list[float | None]:
+    """The given prior values (``None``: measured) of :class:`InitialLossNormalization`."""
+    if prior is None:
+        if num_classes is not None:
+            raise ValueError("num_classes is used with prior='log-classes' only")
+        return [None] * num_terms
+    if isinstance(prior, str):
+        if prior != "log-classes":
+            raise ValueError(f"Invalid prior: {prior!r} (expected 'log-classes' or K values)")
+        if num_classes is None or len(num_classes) != num_terms:
+            raise ValueError(
+                f"prior='log-classes' needs num_classes with one class count per term "
+                f"({num_terms}), got {num_classes!r}"
+            )
+        values: list[float | None] = []
+        for c in num_classes:
+            if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 2):
+                raise ValueError(f"Invalid num_classes entry: {c!r} (expected an integer >= 2)")
+            values.append(None if c is None else math.log(c))
+        return values
+    if num_classes is not None:
+        raise ValueError("num_classes is used with prior='log-classes' only")
+    values = list(prior)
+    if len(values) != num_terms:
+        raise ValueError(f"Invalid prior: {values!r} (expected {num_terms} values)")
+    for v in values:
+        if v is not None and not (isinstance(v, (int, float)) and 0 < v < math.inf):
+            raise ValueError(f"Invalid prior entry: {v!r} (expected a finite number > 0)")
+    return [None if v is None else float(v) for v in values]
 
 
 class DynamicNormalization(LossBalancer):
@@ -194,7 +256,7 @@ register(
         needs="losses",
         stateful=True,
         paper="baseline; L_i(t) / L_i(0) as in Chen et al., ICML 2018 (GradNorm)",
-        summary="each loss divided by its (warm-up averaged) initial value",
+        summary="each loss divided by its (warm-up averaged, or given: log C) initial value",
     )
 )
 register(
