@@ -149,8 +149,8 @@ def test_fairgrad(scale: float, a: float) -> None:
     assert residual(ours) <= 1e-12
     if scale < 1.0:
         # least_squares starts from w = 1/K with absolute tolerances: for a small Gramian
-        # the solution is far (w scales as s^(-a/(a+1))) and it stops short of it.
-        assert residual(theirs) > 1e-3
+        # the solution is far (w scales as s^(-a/(a+1))) and it stops short of it, so
+        # only our residual is checked there
         return
     assert residual(ours) <= residual(theirs) + 1e-14
     assert_same_update(ours, theirs, matrix, 1e-6)

@@ -8,6 +8,7 @@ from torch import Tensor
 from lossbalance._base import GradientBalancer, gramian
 from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
+    _EPS,
     check_gramian,
     check_matrix,
     gramian_to_numpy,
@@ -20,7 +21,6 @@ from lossbalance._validation import check_choice, warn_once
 __all__ = ["AlignedMTL", "aligned_mtl_weights", "aligned_mtl_weights_from_gramian"]
 
 SCALE_MODES = ("min", "median", "rmse")
-_EPS = float(np.finfo(np.float64).eps)
 
 
 @single_blas_thread

@@ -8,6 +8,7 @@ from torch import Tensor
 from lossbalance._base import GradientBalancer, gramian
 from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
+    _EPS,
     check_gramian,
     check_matrix,
     gramian_to_numpy,
@@ -18,8 +19,6 @@ from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import warn_once
 
 __all__ = ["ConFIG", "config_weights", "config_weights_from_gramian"]
-
-_EPS = float(np.finfo(np.float64).eps)
 
 
 @single_blas_thread

@@ -14,6 +14,7 @@ from torch import Tensor
 from lossbalance._base import GradientBalancer, gramian
 from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
+    _EPS,
     _TINY,
     Array,
     check_gramian,
@@ -27,7 +28,6 @@ from lossbalance._validation import check_nonneg, check_positive, warn_once
 
 __all__ = ["FairGrad", "fairgrad_weights", "fairgrad_weights_from_gramian"]
 
-_EPS = float(np.finfo(np.float64).eps)
 # A residual this small where no Newton step improves is rounding, not a failure.
 _ROUNDING_TOL = 1e-10
 # Iterates this large (with max diag G = 1) mean the fixed point does not exist.
@@ -109,11 +109,14 @@ def fair_fixed_point(m: Array, a: float) -> tuple[Array, bool]:
     return w, residual <= tol
 
 
-def clip_weights(alpha: Array, m: Array, max_norm: float) -> Array:
-    """Scale ``alpha`` so that ``||alpha @ J|| = sqrt(alpha^T m alpha) <= max_norm`` (0: off)."""
+def clip_weights(alpha: Array, gram: Tensor, max_norm: float) -> Array:
+    """Scale ``alpha`` so that ``||alpha @ J|| = sqrt(alpha^T G alpha) <= max_norm`` (0: off).
+
+    The Gramian is copied to the host only when clipping is on."""
     if max_norm <= 0.0:
         return alpha
-    norm = math.sqrt(max(float(alpha @ m @ alpha), 0.0))
+    m = gram.detach().to("cpu", torch.float64).numpy()
+    norm = math.sqrt(max(float(alpha @ (0.5 * (m + m.T)) @ alpha), 0.0))
     return alpha * (max_norm / norm) if norm > max_norm else alpha
 
 
@@ -169,8 +172,7 @@ def fairgrad_weights_from_gramian(
     _check_alpha(alpha)
     check_nonneg("max_norm", max_norm)
     w = solve_fair(gram, float(alpha), "fairgrad")
-    m = gram.detach().to("cpu", torch.float64).numpy()
-    return to_weights(clip_weights(w, 0.5 * (m + m.T), max_norm), gram)
+    return to_weights(clip_weights(w, gram, max_norm), gram)
 
 
 def fairgrad_weights(matrix: Tensor, alpha: float = 2.0, *, max_norm: float = 0.0) -> Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -15,17 +14,12 @@ from lossbalance._validation import check_nonneg
 __all__ = ["NashMTL", "nash_mtl_weights", "nash_mtl_weights_from_gramian"]
 
 
-def _raw(gram: Tensor) -> np.ndarray:
-    m = gram.detach().to("cpu", torch.float64).numpy()
-    return 0.5 * (m + m.T)
-
-
 def nash_mtl_weights_from_gramian(gram: Tensor, *, max_norm: float = 0.0) -> Tensor:
     """Nash-MTL weights from the K x K Gramian ``J J^T``; see :func:`nash_mtl_weights`."""
     check_gramian(gram)
     check_nonneg("max_norm", max_norm)
     alpha = solve_fair(gram, 1.0, "nash-mtl")
-    return to_weights(clip_weights(alpha, _raw(gram), max_norm), gram)
+    return to_weights(clip_weights(alpha, gram, max_norm), gram)
 
 
 def nash_mtl_weights(matrix: Tensor, *, max_norm: float = 0.0) -> Tensor:
@@ -131,7 +125,7 @@ class NashMTL(GradientBalancer):
             # used at full precision on the step that solves them.
             solved = self.alpha.detach().to("cpu", torch.float64).numpy().copy()
         self.step += 1
-        alpha = clip_weights(solved, _raw(gramian), self.max_norm)
+        alpha = clip_weights(solved, gramian, self.max_norm)
         return self._record(to_weights(alpha, gramian))
 
     def extra_repr(self) -> str:

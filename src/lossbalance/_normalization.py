@@ -45,23 +45,25 @@ def normalized_loss(
     """
     floor = positive_floor(losses.dtype)
     c = scales.detach().to(losses)
-    negative = c < 0
-    if bool(negative.any()):
-        warn_once(
-            f"{warn_key}:negative",
-            f"loss normalisation got a negative divisor for term(s) "
-            f"{torch.nonzero(negative).flatten().tolist()} (a negative loss); dividing by "
-            "its absolute value, so that the term keeps a positive weight and is still "
-            "minimised (the method assumes positive losses)",
-        )
-        c = c.abs()
+    # one host read per call in the healthy case: a negative divisor is below the floor too
     if bool((c < floor).any()):
-        warn_once(
-            f"{warn_key}:zero",
-            f"loss normalisation got a divisor of magnitude <= {floor:.3g} (a zero loss); "
-            "it is clamped there, so that term's weight is very large",
-        )
-        c = c.clamp_min(floor)
+        negative = c < 0
+        if bool(negative.any()):
+            warn_once(
+                f"{warn_key}:negative",
+                f"loss normalisation got a negative divisor for term(s) "
+                f"{torch.nonzero(negative).flatten().tolist()} (a negative loss); dividing by "
+                "its absolute value, so that the term keeps a positive weight and is still "
+                "minimised (the method assumes positive losses)",
+            )
+            c = c.abs()
+        if bool((c < floor).any()):
+            warn_once(
+                f"{warn_key}:zero",
+                f"loss normalisation got a divisor of magnitude <= {floor:.3g} (a zero loss); "
+                "it is clamped there, so that term's weight is very large",
+            )
+            c = c.clamp_min(floor)
     return (losses / c).sum(), torch.reciprocal(c)
 
 

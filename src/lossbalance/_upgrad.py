@@ -20,6 +20,7 @@ from torch import Tensor
 from lossbalance._base import GradientBalancer, gramian
 from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
+    _EPS,
     _TINY,
     Array,
     check_gramian,
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 _PAPER = "Quinton & Rey, 2024 (arXiv 2406.16232)"
-_EPS = float(np.finfo(np.float64).eps)
 
 
 def gramian_factor(m: Array) -> Array:
