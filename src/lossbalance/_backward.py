@@ -320,7 +320,16 @@ def check_grads_before(balancer: Balancer, items: Sequence[Tensor]) -> None:
     - The balancer's own parameters unchanged since the previous call while the model's
       changed, with a nonzero ``.grad``: they are not in the optimizer (hybrid IMTL's
       scales then stay fixed, which makes it IMTL-G).
+
+    Only a balancer's first ``_CHECKED_CALLS`` calls are checked (each check reads the
+    device once or twice).
     """
+    # Both are set-up mistakes, visible from a balancer's first calls: checking only those
+    # keeps the host reads (and the probe copies) off every later step.
+    calls = _checked_calls.get(balancer, 0)
+    if calls >= _CHECKED_CALLS:
+        return
+    _checked_calls[balancer] = calls + 1
     own = [p for p in balancer.parameters() if p.requires_grad]
     probe = _first_leaf(items, {id(p) for p in own})
     if probe is None:
@@ -346,6 +355,11 @@ def check_grads_before(balancer: Balancer, items: Sequence[Tensor]) -> None:
             "their initial values; hybrid IMTL becomes IMTL-G)",
             stacklevel=_CALLER,
         )
+
+
+#: calls per balancer that check_grads_before looks at
+_CHECKED_CALLS = 4
+_checked_calls: weakref.WeakKeyDictionary[Balancer, int] = weakref.WeakKeyDictionary()
 
 
 def _first_leaf(items: Sequence[Tensor], skip: set[int]) -> Tensor | None:
