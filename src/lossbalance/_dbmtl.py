@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -109,6 +109,8 @@ class DBMTL(VectorBalancer):
     average: Tensor
     step: Tensor
 
+    lazy_buffers: ClassVar[dict[str, int]] = {"average": 1}
+
     def __init__(
         self,
         num_terms: int,
@@ -167,31 +169,11 @@ class DBMTL(VectorBalancer):
     ) -> tuple[list[Tensor], Tensor]:
         self._check_terms(losses)
         matrix = flat_stack(grads, grads[0].dtype, grads[0].device)
-        if self.average.numel() == 0:
-            self.average = torch.zeros_like(matrix)
-        elif self.average.shape != matrix.shape:
-            raise ValueError(
-                f"DBMTL got {matrix.shape[1]} shared elements, expected "
-                f"{self.average.shape[1]} as at its previous calls"
-            )
+        self._sized("average", matrix.shape, matrix, "per-term gradients")
         rate = self._rate()
         direction, new, alpha = db_mtl_step(self.average.to(matrix), matrix, rate)
         self.average.copy_(new)
         return split_flat(direction, inputs), self._record(alpha)
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        saved = state_dict.get(prefix + "average")
-        # only the lazily sized dimension may differ: a state of another K must be refused
-        if (
-            isinstance(saved, Tensor)
-            and saved.shape != self.average.shape
-            and saved.shape[:1] == self.average.shape[:1]
-            and saved.dim() == self.average.dim()
-        ):
-            self.average = torch.zeros_like(saved, device=self.average.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

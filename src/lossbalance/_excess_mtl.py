@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -112,6 +112,8 @@ class ExcessMTL(VectorBalancer):
     warmup_sum: Tensor
     num_steps: Tensor
 
+    lazy_buffers: ClassVar[dict[str, int]] = {"sq_sum": 1}
+
     def __init__(self, num_terms: int, step_size: float = 1.0, warmup_steps: int = 1) -> None:
         super().__init__(num_terms)
         check_positive("step_size", step_size)
@@ -162,13 +164,7 @@ class ExcessMTL(VectorBalancer):
         """
         del losses
         matrix = self._as_matrix(grads)
-        if self.sq_sum.numel() == 0:
-            self.sq_sum = torch.zeros_like(matrix)
-        elif self.sq_sum.shape != matrix.shape:
-            raise ValueError(
-                f"ExcessMTL got per-term gradients of shape {tuple(matrix.shape)}, expected "
-                f"{tuple(self.sq_sum.shape)} as at its previous calls"
-            )
+        self._sized("sq_sum", matrix.shape, matrix, "per-term gradients")
         if not bool(torch.isfinite(matrix).all()):
             warn_once(
                 "excess-mtl-nonfinite",
@@ -214,20 +210,6 @@ class ExcessMTL(VectorBalancer):
             )
         device = self.sq_sum.device
         return torch.cat([p.detach().reshape(k, -1).to(device, torch.float64) for p in parts], 1)
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        # S is sized at the first call: take the saved size before loading
-        saved = state_dict.get(prefix + "sq_sum")
-        if (
-            isinstance(saved, Tensor)
-            and saved.shape != self.sq_sum.shape
-            and saved.shape[:1] == self.sq_sum.shape[:1]
-            and saved.dim() == 2
-        ):
-            self.sq_sum = torch.zeros_like(saved, device=self.sq_sum.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -167,6 +167,8 @@ class GradVac(VectorBalancer):
 
     targets: Tensor
 
+    lazy_buffers: ClassVar[dict[str, int]] = {"targets": 0}
+
     def __init__(
         self,
         num_terms: int,
@@ -214,13 +216,9 @@ class GradVac(VectorBalancer):
     ) -> tuple[list[Tensor], Tensor]:
         self._check_terms(losses)
         k = self.num_terms
-        if self.targets.shape[0] == 0:
-            self.targets = self.targets.new_zeros(len(grads), k, k)
-        elif self.targets.shape[0] != len(grads):
-            raise ValueError(
-                f"GradVac(per_layer=True) got {len(grads)} shared tensors, expected "
-                f"{self.targets.shape[0]} as at its previous calls"
-            )
+        self._sized(
+            "targets", (len(grads), k, k), self.targets, "one target table per shared tensor"
+        )
         out, table, new = [], [], []
         for t, g in enumerate(grads):
             flat = g.reshape(k, -1)
@@ -238,20 +236,6 @@ class GradVac(VectorBalancer):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = state["seed"]
         self.generator.set_state(state["generator_state"])
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        # per layer, the targets are sized at the first call: take the saved size first
-        saved = state_dict.get(prefix + "targets")
-        # (only the number of layers may differ: targets of another K are refused)
-        if (
-            isinstance(saved, Tensor)
-            and saved.shape != self.targets.shape
-            and saved.shape[1:] == self.targets.shape[1:]
-        ):
-            self.targets = torch.zeros_like(saved, device=self.targets.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -9,7 +9,7 @@ per-term gradients of every shared tensor, as MTAdam does: a
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -100,6 +100,8 @@ class MetaBalance(VectorBalancer):
 
     norm_avg: Tensor
 
+    lazy_buffers: ClassVar[dict[str, int]] = {"norm_avg": 1}
+
     def __init__(self, num_terms: int, relax_factor: float = 0.7, beta: float = 0.9) -> None:
         super().__init__(num_terms)
         if not 0.0 <= relax_factor <= 1.0 or not math.isfinite(relax_factor):
@@ -132,13 +134,7 @@ class MetaBalance(VectorBalancer):
         norms = torch.stack(
             [g.detach().reshape(k, -1).to(device, torch.float64).norm(dim=1) for g in grads], 1
         )
-        if self.norm_avg.numel() == 0:
-            self.norm_avg = torch.zeros_like(norms)
-        elif self.norm_avg.shape != norms.shape:
-            raise ValueError(
-                f"MetaBalance got {norms.shape[1]} shared tensors, expected "
-                f"{self.norm_avg.shape[1]} as at its previous calls"
-            )
+        self._sized("norm_avg", norms.shape, norms, "per-tensor norms")
         coefficients, ema = metabalance_coefficients(
             norms, self.norm_avg, self.relax_factor, self.beta
         )
@@ -149,21 +145,6 @@ class MetaBalance(VectorBalancer):
             for j, g in enumerate(grads)
         ]
         return out, self._record(coefficients.mean(1))
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        # m is sized at the first call: take the saved size before loading
-        saved = state_dict.get(prefix + "norm_avg")
-        # (a state of another K keeps the K x 0 shape, which the load then refuses)
-        if (
-            isinstance(saved, Tensor)
-            and saved.shape != self.norm_avg.shape
-            and saved.shape[:1] == self.norm_avg.shape[:1]
-            and saved.dim() == 2
-        ):
-            self.norm_avg = torch.zeros_like(saved, device=self.norm_avg.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_terms={self.num_terms}, relax_factor={self.relax_factor}, beta={self.beta}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -105,6 +105,8 @@ class MoCo(VectorBalancer):
     lam: Tensor
     step: Tensor
 
+    lazy_buffers: ClassVar[dict[str, int]] = {"y": 1}
+
     def __init__(
         self,
         num_terms: int,
@@ -147,13 +149,7 @@ class MoCo(VectorBalancer):
     ) -> tuple[list[Tensor], Tensor]:
         self._check_terms(losses)
         matrix = flat_stack(grads, grads[0].dtype, grads[0].device)
-        if self.y.numel() == 0:
-            self.y = torch.zeros_like(matrix)
-        elif self.y.shape != matrix.shape:
-            raise ValueError(
-                f"MoCo got {matrix.shape[1]} shared elements, expected {self.y.shape[1]} as "
-                "at its previous calls"
-            )
+        self._sized("y", matrix.shape, matrix, "per-term gradients")
         self.step += 1
         t = float(self.step)
         beta_t = self.beta / t**self.beta_sigma
@@ -164,19 +160,6 @@ class MoCo(VectorBalancer):
         self.y.copy_(y)
         self.lam.copy_(lam)
         return split_flat(direction, inputs), self._record(lam.clone())
-
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
-    ) -> None:
-        saved = state_dict.get(prefix + "y")
-        if (
-            isinstance(saved, Tensor)
-            and saved.shape != self.y.shape
-            and saved.shape[:1] == self.y.shape[:1]
-            and saved.dim() == 2
-        ):
-            self.y = torch.zeros_like(saved, device=self.y.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -15,7 +15,7 @@ double-sampling methods MoDo and SDMGrad) and :func:`project_simplex`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,40 @@ class VectorBalancer(GradientBalancer):
     needs_grads: bool = True
     #: whether ``combine`` also takes the gradients of features (``mode="feature"``)
     accepts_features: ClassVar[bool] = False
+    #: buffers sized at the first call, by the dimension that follows the shared tensors
+    #: (the others are fixed by K): see :meth:`_sized`
+    lazy_buffers: ClassVar[dict[str, int]] = {}
+
+    def _sized(self, name: str, shape: Sequence[int], like: Tensor, what: str) -> Tensor:
+        """The lazily sized buffer ``name``: zeros of ``shape`` (``like``'s dtype and device)
+        at the first call; a later call of another shape raises, naming ``what``."""
+        buf: Tensor = getattr(self, name)
+        shape = tuple(shape)
+        if buf.shape[self.lazy_buffers[name]] == 0 and buf.shape != shape:
+            buf = torch.zeros(shape, dtype=like.dtype, device=like.device)
+            setattr(self, name, buf)
+        elif buf.shape != shape:
+            raise ValueError(
+                f"{type(self).__name__} got {what} of shape {shape}, expected "
+                f"{tuple(buf.shape)} as at its previous calls"
+            )
+        return buf
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # a lazily sized buffer takes the saved size before loading, but only in its lazy
+        # dimension: a state of another K keeps the mismatch, which the load refuses
+        for name, dim in self.lazy_buffers.items():
+            saved, buf = state_dict.get(prefix + name), getattr(self, name)
+            if (
+                isinstance(saved, Tensor)
+                and saved.dim() == buf.dim()
+                and saved.shape != buf.shape
+                and all(a == b for i, (a, b) in enumerate(zip(saved.shape, buf.shape)) if i != dim)
+            ):
+                setattr(self, name, torch.zeros_like(saved, device=buf.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def combine(
         self,
