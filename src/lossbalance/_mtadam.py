@@ -1117,7 +1117,12 @@ class MTAdam(Optimizer):
         sharded = [is_sharded(p) for p in params]
         if loss_vec is None:
             loss_vec = torch.zeros(num, device=home)
-        flags = torch.tensor(reached, dtype=torch.float32).to(home)
+        # all reached (the usual step): made on the device, no blocking host-to-device copy
+        flags = (
+            torch.ones(len(params), device=home)
+            if all(reached)
+            else torch.tensor(reached, dtype=torch.float32).to(home)
+        )
         plain = [g for g, s in zip(grads, sharded) if not s]
         shards = [_real(g) for g, s in zip(grads, sharded) if s]
         squares = [_layer_norms(shards, None, read_host=True).square()] if shards else []
