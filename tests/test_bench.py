@@ -90,10 +90,8 @@ def test_a_balancer_step_on_the_toy_is_sgd_on_its_direction() -> None:
     start = np.array([2.0, -3.0])
     traj = toy_trajectory(resolve_method("uniform", weighted=False), start, cfg)
     g = toy_gradients(start, cfg.scale)
-    expected = start - cfg.lr * g.sum(0)
-    # "uniform" may average instead of sum: accept either documented form, nothing else
-    mean = start - cfg.lr * g.mean(0)
-    assert np.allclose(traj[1], expected, atol=1e-12) or np.allclose(traj[1], mean, atol=1e-12)
+    expected = start - cfg.lr * g.sum(0)  # Uniform's default reduction is the sum
+    assert np.allclose(traj[1], expected, atol=1e-12)
 
 
 def test_delta_m_signs_follow_the_metric_direction() -> None:
