@@ -454,21 +454,7 @@ def make_multimnist(
             f"expected (N, H, W) images and (N,) labels, got {tuple(imgs.shape)} and "
             f"{tuple(labs.shape)}"
         )
-    n, h, w = imgs.shape
-    centre_r, centre_c = (size - h) // 2, (size - w) // 2
-    if not 0 <= shift <= min(centre_r, centre_c):
-        raise ValueError(
-            f"Invalid shift: {shift} (expected 0 <= shift <= {min(centre_r, centre_c)} for "
-            f"{h}x{w} digits on a {size}x{size} canvas)"
-        )
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
-    canvas = torch.zeros((n, size, size), dtype=torch.uint8)
-    r0, c0 = centre_r - shift, centre_c - shift
-    canvas[:, r0 : r0 + h, c0 : c0 + w] = imgs
-    r1, c1 = centre_r + shift, centre_c + shift
-    region = canvas[:, r1 : r1 + h, c1 : c1 + w]
-    canvas[:, r1 : r1 + h, c1 : c1 + w] = torch.maximum(region, imgs[perm])
-    return canvas, torch.stack([labs, labs[perm]], dim=1)
+    return make_multi_pair(imgs, labs, imgs, labs, seed=seed, size=size, shift=shift)
 
 
 def make_multi_pair(
