@@ -193,3 +193,18 @@ def test_bench_jobs_train_the_runs_of_one_process(tmp_path: Path) -> None:
 
     one, two = finals("one"), finals("two")
     assert len(one) == 3 and one == two  # the toy once (parent), energy for 2 seeds
+
+
+@needs_data
+def test_bench_plan_counts_the_trained_runs_only(tmp_path: Path, capsys) -> None:
+    # the toy records are computed, not trained: the plan and the saved count leave them
+    # out, and --quick's seeds are the ones planned
+    from lossbalance.cli import main
+
+    args = ["bench", "--quick", "--methods", "adam", "--benchmarks", "toy", "energy"]
+    args += ["--data-dir", str(DATA), "--no-download", "--device", "cpu", "--quiet"]
+    assert main([*args, "--no-plots", "--out", str(tmp_path)]) == 0
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Plan:"))
+    data = json.loads((tmp_path / "results.json").read_text())
+    trained = [r for r in data["runs"] if r["group"] != "toy"]
+    assert f"= {len(trained)} runs ({len(trained)} to train" in plan, plan
