@@ -18,7 +18,7 @@ from lossbalance._engine import _combine
 from lossbalance._normalization import positive_floor
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import check_positive, warn_once
-from lossbalance._vector import VectorBalancer
+from lossbalance._vector import VectorBalancer, flat_stack
 
 #: added under the square root of the accumulated squares, as the authors' code
 ADAGRAD_EPS = 1e-7
@@ -208,8 +208,7 @@ class ExcessMTL(VectorBalancer):
                 f"ExcessMTL expects per-term gradients with {k} rows (K x P, or stacks "
                 f"(K, *p.shape)), got shapes {shapes}"
             )
-        device = self.sq_sum.device
-        return torch.cat([p.detach().reshape(k, -1).to(device, torch.float64) for p in parts], 1)
+        return flat_stack([p.detach() for p in parts], torch.float64, self.sq_sum.device)
 
     def extra_repr(self) -> str:
         return (

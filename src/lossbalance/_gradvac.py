@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lossbalance._base import gramian
 from lossbalance._blas import single_blas_thread
+from lossbalance._engine import _combine
 from lossbalance._mgda import (
     Array,
     check_gramian,
@@ -225,7 +226,7 @@ class GradVac(VectorBalancer):
             alpha, phi = _gradvac(gramian(flat), self.targets[t], self.beta, self.generator)
             new.append(phi)
             table.append(alpha)
-            out.append((alpha.to(g) @ flat).view(g.shape[1:]))
+            out.append(_combine(alpha, g))
         self.targets.copy_(torch.stack(new))
         self.last_coefficients = torch.stack(table)
         return out, self._record(self.last_coefficients.mean(0))

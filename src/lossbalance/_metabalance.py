@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from lossbalance._engine import _combine
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import check_beta, warn_once
 from lossbalance._vector import VectorBalancer
@@ -140,10 +141,7 @@ class MetaBalance(VectorBalancer):
         )
         self.norm_avg.copy_(ema)
         self.last_coefficients = coefficients.clone()
-        out = [
-            torch.tensordot(coefficients[:, j].to(device=g.device, dtype=g.dtype), g, dims=1)
-            for j, g in enumerate(grads)
-        ]
+        out = [_combine(coefficients[:, j], g) for j, g in enumerate(grads)]
         return out, self._record(coefficients.mean(1))
 
     def extra_repr(self) -> str:
