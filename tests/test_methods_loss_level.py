@@ -119,7 +119,10 @@ def test_registry_entries(name, cls, needs):
         (lambda: RandomLossWeighting(2, std=0.0), r"Invalid std: 0.0 \(expected std > 0\)"),
         (lambda: RandomLossWeighting(2, std=math.inf), r"Invalid std: inf"),
         (lambda: RandomLossWeighting(2, concentration=-1), r"Invalid concentration: -1"),
-        (lambda: RandomLossWeighting(2, seed=-1), r"Invalid seed: -1 \(expected an integer"),
+        (
+            lambda: RandomLossWeighting(2, seed=-1),
+            r"Invalid seed: -1 \(expected None or an integer >= 0\)",
+        ),
         (lambda: RandomLossWeighting(0), r"Invalid num_terms: 0"),
         (lambda: FAMO(2, lr=0.0), r"Invalid lr: 0.0 \(expected lr > 0\)"),
         (lambda: FAMO(2, gamma=-0.1), r"Invalid gamma: -0.1 \(expected gamma >= 0\)"),
@@ -926,3 +929,14 @@ def test_metabalance_refuses_a_state_of_another_number_of_terms():
         with pytest.raises(RuntimeError, match="size mismatch"):
             balancer.load_state_dict(other.state_dict())
         assert torch.equal(balancer.norm_avg, before)
+
+
+@pytest.mark.parametrize("name", ["rlw", "pcgrad", "graddrop", "gradvac"])
+def test_seeded_balancers_restore_their_seed_and_draws(name):
+    # one seeded-generator mechanism (_base.Seeded): a loaded balancer reports the saved
+    # seed (RLW's own copy restored the draws but kept its constructor's seed)
+    saved = lossbalance.create(name, 3, seed=7)
+    loaded = lossbalance.create(name, 3, seed=8)
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.seed == 7 and "seed=7" in repr(loaded)
+    assert torch.equal(loaded.generator.get_state(), saved.generator.get_state())

@@ -75,6 +75,34 @@ class Balancer(nn.Module):
         return weights
 
 
+class Seeded:
+    """A balancer that draws from its own CPU ``torch.Generator`` (PCGrad's order, RLW's
+    weights, GradDrop's masks, GradVac's orders): the seed and the generator's state are
+    the module's extra state, so ``state_dict()`` resumes the same draws and never
+    touches the global RNG after construction."""
+
+    seed: int
+    generator: torch.Generator
+
+    def _seed_generator(self, seed: int | None) -> None:
+        """Validate ``seed`` (``None``: one drawn from the global RNG) and seed the
+        generator with it."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Invalid seed: {seed!r} (expected None or an integer >= 0)")
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generator_state": self.generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.seed = state["seed"]
+        self.generator.set_state(state["generator_state"])
+
+
 class LossBalancer(Balancer):
     """A method that needs only the loss values.
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from lossbalance._base import Seeded
 from lossbalance._registry import MethodInfo, register
 from lossbalance._vector import VectorBalancer
 
@@ -75,7 +76,7 @@ def graddrop(
     return combined, fraction
 
 
-class GradDrop(VectorBalancer):
+class GradDrop(Seeded, VectorBalancer):
     r"""GradDrop: gradient sign dropout at the shared features (or the shared parameters).
 
     Chen et al., "Just Pick a Sign", NeurIPS 2020, Algorithm 1; the math is in
@@ -125,14 +126,8 @@ class GradDrop(VectorBalancer):
             raise ValueError(
                 f"Invalid leak: {leak!r} (expected a float or {num_terms} floats in [0, 1])"
             )
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r} (expected None or an integer >= 0)")
         self.leak = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self._seed_generator(seed)
 
     def combine(
         self,
@@ -158,13 +153,6 @@ class GradDrop(VectorBalancer):
             kept += fraction.double().cpu() * mass
         weights = torch.where(size > 0, kept / torch.where(size > 0, size, 1.0), 1.0)
         return out, self._record(weights)
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "generator_state": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.seed = state["seed"]
-        self.generator.set_state(state["generator_state"])
 
     def extra_repr(self) -> str:
         return f"num_terms={self.num_terms}, leak={self.leak.tolist()}, seed={self.seed}"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from lossbalance._base import gramian
+from lossbalance._base import Seeded, gramian
 from lossbalance._blas import single_blas_thread
 from lossbalance._engine import _combine
 from lossbalance._mgda import (
@@ -134,7 +134,7 @@ def gradvac_weights(
     return gradvac_weights_from_gramian(gramian(matrix), targets, beta, generator)
 
 
-class GradVac(VectorBalancer):
+class GradVac(Seeded, VectorBalancer):
     r"""GradVac: each pairwise cosine similarity raised to a running target when below it.
 
     Wang et al., "Gradient Vaccine", ICLR 2021, Algorithm 1; the math is in
@@ -182,16 +182,10 @@ class GradVac(VectorBalancer):
         _check_beta(beta)
         if not isinstance(per_layer, bool):
             raise ValueError(f"Invalid per_layer: {per_layer!r} (expected a bool)")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r} (expected None or an integer >= 0)")
         self.beta = float(beta)
         self.per_layer = per_layer
         self.needs_grads = per_layer
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self._seed_generator(seed)
         self.last_coefficients: Tensor | None = None
         size = 0 if per_layer else 1
         self.register_buffer(
@@ -230,13 +224,6 @@ class GradVac(VectorBalancer):
         self.targets.copy_(torch.stack(new))
         self.last_coefficients = torch.stack(table)
         return out, self._record(self.last_coefficients.mean(0))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "generator_state": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.seed = state["seed"]
-        self.generator.set_state(state["generator_state"])
 
     def extra_repr(self) -> str:
         return (

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from lossbalance._base import GradientBalancer, gramian
+from lossbalance._base import GradientBalancer, Seeded, gramian
 from lossbalance._blas import single_blas_thread
 from lossbalance._mgda import (
     Array,
@@ -114,7 +112,7 @@ def pcgrad(matrix: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return (alpha.to(matrix.device) @ matrix.to(torch.float64)).to(matrix.dtype)
 
 
-class PCGrad(GradientBalancer):
+class PCGrad(Seeded, GradientBalancer):
     r"""PCGrad: gradient surgery on conflicting per-term gradients.
 
     Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020, Algorithm 1; the
@@ -142,25 +140,12 @@ class PCGrad(GradientBalancer):
 
     def __init__(self, num_terms: int, seed: int | None = None) -> None:
         super().__init__(num_terms)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r} (expected None or an integer >= 0)")
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self._seed_generator(seed)
 
     def weights(self, gramian: Tensor, losses: Tensor) -> Tensor:
         check_gramian(gramian, self.num_terms, type(self).__name__)
         self._check_terms(losses)
         return self._record(_pcgrad(gramian, self.generator, "pcgrad"))
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"seed": self.seed, "generator_state": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.seed = state["seed"]
-        self.generator.set_state(state["generator_state"])
 
     def extra_repr(self) -> str:
         return f"num_terms={self.num_terms}, seed={self.seed}"

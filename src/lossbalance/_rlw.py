@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from lossbalance._base import LossBalancer
+from lossbalance._base import LossBalancer, Seeded
 from lossbalance._registry import MethodInfo, register
 from lossbalance._validation import check_choice, check_positive, warn_once
 
@@ -85,7 +84,7 @@ def _standard_gamma(alpha: Tensor, generator: torch.Generator) -> Tensor:
     return out
 
 
-class RandomLossWeighting(LossBalancer):
+class RandomLossWeighting(Seeded, LossBalancer):
     """Random loss weighting (RLW): a fresh random point of the simplex at every step.
 
     Lin, Ye, Xu, Shi, Zhang & Kwok, "Reasonable Effectiveness of Random Weighting: A Litmus
@@ -144,16 +143,10 @@ class RandomLossWeighting(LossBalancer):
             check_positive(name, value)
             if not math.isfinite(value):
                 raise ValueError(f"Invalid {name}: {value} (expected 0 < {name} < inf)")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r} (expected an integer >= 0 or None)")
         self.distribution = distribution
         self.std = float(std)
         self.concentration = float(concentration)
-        self.seed = seed
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed(seed)
+        self._seed_generator(seed)
         if num_terms == 1:
             warn_once(
                 "rlw-one-term", "RandomLossWeighting with num_terms=1 has nothing to balance: w = 1"
@@ -174,12 +167,6 @@ class RandomLossWeighting(LossBalancer):
             std=self.std,
             concentration=self.concentration,
         )
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
 
     def extra_repr(self) -> str:
         return f"num_terms={self.num_terms}, distribution={self.distribution!r}, seed={self.seed}"
