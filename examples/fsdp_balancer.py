@@ -15,6 +15,7 @@ CPU it uses the gloo backend.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -89,6 +90,11 @@ def main() -> None:
     if rank == 0:
         same = all(torch.equal(g, gathered[0]) for g in gathered)
         print(f"trunk identical on all {world} ranks: {same}", flush=True)
+    # as with DDP (examples/ddp_mtadam.py): the sharded model keeps the gloo group alive
+    # past destroy_process_group, which can abort the process at exit
+    del model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

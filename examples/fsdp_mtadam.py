@@ -15,6 +15,7 @@ uses the gloo backend.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 
@@ -106,6 +107,11 @@ def main() -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     if rank == 0:
         print(f"resumed run identical to the uninterrupted one: {bool(flag.item())}", flush=True)
+    # as with DDP (examples/ddp_mtadam.py): sharded modules and their optimizers keep the
+    # gloo group alive past destroy_process_group, which can abort the process at exit
+    del model, resumed, opt, opt2, state
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
