@@ -10,6 +10,7 @@ this process trains the same configurations without FSDP on the whole batches. T
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 import warnings
@@ -182,6 +183,9 @@ def worker(rank: int, world: int, out: str) -> None:
         results["resume"] = resume(rank, world, out)
         torch.save(results, f"{out}/balancers-rank{rank}.pt")
     finally:
+        # sharded modules in reference cycles keep the gloo group alive past
+        # destroy_process_group, which can abort the process at exit: collect them first
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ and on one process.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 import warnings
@@ -181,6 +182,9 @@ def worker(rank: int, world: int, out: str) -> None:
         for case in CASES:
             run_case(case, rank, world, out)
     finally:
+        # sharded modules in reference cycles keep the gloo group alive past
+        # destroy_process_group, which can abort the process at exit: collect them first
+        gc.collect()
         dist.destroy_process_group()
 
 
