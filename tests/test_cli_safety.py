@@ -225,3 +225,24 @@ def test_a_mix_up_of_data_sets_is_named(verify):
         ChecksumError, match=r"is mnist's train-images-idx3-ubyte\.gz, not fashion-mnist's"
     ):
         locate_idx_files("fashion-mnist", SHARED_MNIST, download=False, verify=verify)
+
+
+def test_bench_resume_reuses_runs_recorded_with_another_list_of_benchmarks(tmp_path):
+    # the bench keys each run by its benchmark: a folder trained with --benchmarks toy energy
+    # must resume under --benchmarks toy energy multimnist (the list used to be fingerprinted)
+    from lossbalance.experiments.bench import BenchConfig
+    from lossbalance.experiments.report import config_fingerprint, fingerprinted_settings
+
+    old = fingerprinted_settings(BenchConfig(benchmarks=["toy", "energy"]))
+    old["benchmarks"] = ["toy", "energy"]  # as a record written before the change holds it
+    run = {"group": "energy", "row": "A", "seed": 0, "final": {"x": 1.0}, "history": []}
+    append_checkpoint(tmp_path, "old-fingerprint", run, settings=old)
+    other = dict(old, lr=0.5)
+    append_checkpoint(tmp_path, "other", dict(run, seed=1), settings=other)
+    new = BenchConfig(benchmarks=["toy", "energy", "multimnist"])
+    problems: list[RecordedElsewhere] = []
+    runs = load_previous_runs(
+        tmp_path, config_fingerprint(new), settings=fingerprinted_settings(new), problems=problems
+    )
+    assert list(runs) == ["energy|A|0"]
+    assert len(problems) == 1 and "lr 0.5 -> 0.001" in problems[0].why

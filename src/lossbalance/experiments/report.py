@@ -623,6 +623,9 @@ _NOT_FINGERPRINTED = (
     "threads",
     "ablation",
     "jobs",
+    # the bench's list of benchmarks: each run is keyed by its benchmark, so choosing more
+    # (or fewer) benchmarks changes no run's result
+    "benchmarks",
 )
 
 
@@ -636,6 +639,19 @@ def config_fingerprint(config: Any) -> str:
     """A short hash of the settings that determine each run's result (for ``--resume``)."""
     blob = json.dumps(fingerprinted_settings(config), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _matches(item: Mapping[str, Any], fingerprint: str, current: Mapping[str, Any] | None) -> bool:
+    # a record is reused when its fingerprint is the current one, or when its stored settings
+    # equal the current ones outside _NOT_FINGERPRINTED (a record written before a setting
+    # joined that list still matches)
+    if item.get("fingerprint") == fingerprint:
+        return True
+    recorded = item.get("settings")
+    if not isinstance(recorded, Mapping) or current is None:
+        return False
+    kept = {k: v for k, v in recorded.items() if k not in _NOT_FINGERPRINTED}
+    return kept == {k: v for k, v in current.items() if k not in _NOT_FINGERPRINTED}
 
 
 def settings_diff(recorded: Mapping[str, Any] | None, current: Mapping[str, Any]) -> str:
@@ -738,7 +754,7 @@ def load_previous_runs(
             data = {}
         if not isinstance(data, dict):
             data = {}
-        if data.get("fingerprint") == fingerprint:
+        if _matches(data, fingerprint, settings):
             records += data.get("runs", [])
         elif data.get("runs"):
             why = settings_diff(data.get("settings"), current)
@@ -766,7 +782,7 @@ def load_previous_runs(
                 why = f"the run lacks {', '.join(lacking)}"
                 found.append(RecordedElsewhere(where, why, malformed=True))
                 continue
-            if item.get("fingerprint") == fingerprint:
+            if _matches(item, fingerprint, settings):
                 records.append(run)
             else:
                 why = settings_diff(item.get("settings"), current)
