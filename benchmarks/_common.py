@@ -66,7 +66,7 @@ _BLAS_LIMIT: str = "not limited"
 
 def _limit_blas(threads: int) -> None:
     """Limit numpy's BLAS threads too (the balancers solve K x K systems with numpy; they
-    run those on one thread anyway, see ``lossbalance._blas``)."""
+    run those on one thread anyway, see ``lossbalance.methods._blas``)."""
     global _BLAS_LIMIT, _BLAS_CONTROL
     from threadpoolctl import threadpool_limits
 

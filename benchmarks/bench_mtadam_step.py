@@ -5,7 +5,7 @@ Question: what does a full step (forward + per-term gradients + update) cost wit
 naive MTAdam written like the authors' code (``naive_mtadam.py``)? How large is MTAdam's
 update next to forward + I sequential ``autograd.grad`` (the CPU target: <= 10%)? How much
 optimizer state does each hold? Where does the time of an MTAdam step go (profiler)? How fast
-is the fused element-wise update (``lossbalance._fused``, one ``torch.compile`` region: Triton
+is the fused element-wise update (``lossbalance.optim._fused``, one ``torch.compile`` region: Triton
 on CUDA) beside the multi-tensor one (issue 21: an eager step <= 4 ms on an H100)?
 
 Setting (issue 5): the PyTorch MNIST-example CNN, batch 64, I = 10 per-class terms
@@ -46,8 +46,8 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import lossbalance
-import lossbalance._mtadam as mtadam_module
-from lossbalance import _fused
+import lossbalance.optim._mtadam as mtadam_module
+from lossbalance.optim import _fused
 
 # MTAdam(fused=...) once benchmarks/fused_integration.md is applied; until then the fused
 # update is timed on its own (fused_update_section)
@@ -387,7 +387,7 @@ def fused_update_section(
             for name in ("params", "exp_avgs", "exp_avg_sqs", "magnitudes", "steps")
         }
         rep.add(
-            f"Fused element-wise update (`lossbalance._fused.fused_update`, "
+            f"Fused element-wise update (`lossbalance.optim._fused.fused_update`, "
             f"`torch.compile(fullgraph=True, dynamic=False)`, {_fused_backend(device)}): "
             f"first call (compilation) {compile_s:.1f} s. One update from the same state, "
             f"fused against `functional.mtadam`: max abs difference of the parameters "
@@ -642,7 +642,7 @@ def main() -> None:
 
 def auto_choice(params: list[Tensor], k: int) -> str:
     """What ``term_grads(mode="auto")`` chose for these parameters (after a step)."""
-    from lossbalance import _engine, _vjp
+    from lossbalance.engine import _engine, _vjp
 
     return _vjp.cached_choice(_engine.auto_key(params, k)) or "nothing yet"
 

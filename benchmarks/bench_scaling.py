@@ -48,12 +48,12 @@ from _common import (
 from torch import Tensor, nn
 
 import lossbalance
-import lossbalance._mtadam as mtadam_module
+import lossbalance.optim._mtadam as mtadam_module
 
 
 def auto_choice(params: list[Tensor], k: int) -> str:
     """What ``term_grads(mode="auto")`` chose for these parameters and I."""
-    from lossbalance import _engine, _vjp
+    from lossbalance.engine import _engine, _vjp
 
     return _vjp.cached_choice(_engine.auto_key(params, k)) or "sequential (I = 1)"
 

@@ -1,6 +1,6 @@
 """The gradient balancers' K x K solves on one BLAS thread against NumPy's default threads.
 
-Question: what does ``lossbalance._blas.single_blas_thread`` buy? Each gradient-level
+Question: what does ``lossbalance.methods._blas.single_blas_thread`` buy? Each gradient-level
 balancer turns the K x K Gramian into weights with small float64 NumPy solves (``eigh``,
 ``lstsq``) every step. NumPy's OpenBLAS spreads even a 40 x 40 ``eigh`` over every core it
 sees; the library runs these solves on one thread. This script times each method's solve
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from _common import Report, interleaved, med, parser, ratio, run_child, setup
 
-from lossbalance import _gradnorm, _imtl, _mgda, _pcgrad
+from lossbalance.methods import _gradnorm, _imtl, _mgda, _pcgrad
 
 Solve = tuple[Callable[..., torch.Tensor], tuple[Any, ...], dict[str, Any]]
 

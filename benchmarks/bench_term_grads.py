@@ -1,4 +1,4 @@
-"""Exact per-term gradient variants of ``lossbalance._vjp``: time and peak memory.
+"""Exact per-term gradient variants of ``lossbalance.engine._vjp``: time and peak memory.
 
 Question: which way of computing the K per-term gradients is fastest, and what does each
 cost in memory? Variants (all exact, all checked against the sequential reference first):
@@ -55,7 +55,7 @@ from _common import (
 )
 from torch import Tensor, nn
 
-from lossbalance import _vjp
+from lossbalance.engine import _vjp
 
 VARIANTS = (
     "one backward",

@@ -51,7 +51,7 @@ if [ "${RUN_GPU_QUICK:-0}" = 1 ]; then
     balancer_repeats=1
 fi
 read -r -a test_args <<<"${RUN_GPU_TESTS:-}"
-if grep -q "fused: bool | None = None" src/lossbalance/_mtadam.py; then
+if grep -q "fused: bool | None = None" src/lossbalance/optim/_mtadam.py; then
     integrated="MTAdam(fused=None) integrated"
     limits=(200 60 150 60)
 else

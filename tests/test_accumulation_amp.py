@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import lossbalance
-import lossbalance._accumulator as accumulator_module
+import lossbalance.engine._accumulator as accumulator_module
 from lossbalance import LossBalanceWarning
 from lossbalance._validation import reset_warnings
 

@@ -1,4 +1,4 @@
-"""The Gramian engine of mode="gramian" (``lossbalance._autogram``) against a float64 loop.
+"""The Gramian engine of mode="gramian" (``lossbalance.engine._autogram``) against a float64 loop.
 
 Ground truth: the per-term gradients of every parameter by ``torch.autograd.grad`` one
 term at a time, concatenated, ``J J^T``. Each case is built so that the engine's
@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lossbalance
-from lossbalance._autogram import autogram
+from lossbalance.engine._autogram import autogram
 
 D64 = torch.float64
 
@@ -276,7 +276,7 @@ def test_functional_linear_without_module():
 
 
 def test_term_gramian_auto_uses_the_engine(monkeypatch):
-    import lossbalance._autogram as module
+    import lossbalance.engine._autogram as module
 
     calls = []
     original = module.autogram

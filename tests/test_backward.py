@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import lossbalance
-import lossbalance._backward as backward_module
+import lossbalance.engine._backward as backward_module
 from lossbalance import GradientBalancer, LossBalancer, LossBalanceWarning
 
 GRAD_MODES = ("exact", "batched", "gramian", "feature")
@@ -256,7 +256,7 @@ class Counter(torch.autograd.Function):
 
 @pytest.mark.parametrize(
     ("mode", "head_passes", "trunk_passes"),
-    # gramian (lossbalance._autogram): one pass per term from the losses to the trunk's
+    # gramian (lossbalance.engine._autogram): one pass per term from the losses to the trunk's
     # layer outputs, then one weighted pass that reaches every layer (no double backward)
     [("exact", 1, 3), ("batched", 1, 1), ("gramian", 2, 4), ("feature", 1, 1)],
 )

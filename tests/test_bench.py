@@ -164,7 +164,7 @@ def test_bench_quick_writes_every_output_and_reports_again(
     assert set(data["benchmarks"]) == {"energy-x1000", "multifashionmnist"}
     assert data["benchmarks"]["energy-x1000"]["delta_m"]["Adam"]["mean"] == 0.0
     assert {r["group"] for r in data["runs"]} == {"toy", "energy-x1000", "multifashionmnist"}
-    for name in ("results.md", "toy.png", "toy/Adam.png", "toy/mgda.png", "delta_m.png"):
+    for name in ("results.md", "toy.png", "toy/Adam.png", "toy/MGDA.png", "delta_m.png"):
         assert (tmp_path / name).is_file(), name
     md = (tmp_path / "results.md").read_text()
     assert "## Overall ranking" in md and BENCHMARKS["energy-x1000"][0] in md

@@ -10,8 +10,8 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import lossbalance.functional as F
-from lossbalance import _blas
-from lossbalance._blas import single_blas_thread
+from lossbalance.methods import _blas
+from lossbalance.methods._blas import single_blas_thread
 
 # the BLAS libraries that can run on two threads: a process may also hold a BLAS built
 # for one thread (another package's), which no limit can raise and no test should watch

@@ -78,7 +78,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| Balanced-Adam |" in printed and str(out / "summary.json") in printed
     rows = ["Balanced-Adam", "Unbalanced-Adam", "Unbalanced-MTAdam"]
-    rows += ["Unbalanced-uncertainty", "Unbalanced-imtl-g"]  # a loss- and a gradient-level one
+    rows += ["Unbalanced-Uncertainty", "Unbalanced-IMTL-G"]  # a loss- and a gradient-level one
     results = _check_outputs(out, rows, "lossbalance " + " ".join([*argv, "--quiet"]))
     assert results["seeds"] == [0, 1]
     assert len(results["runs"]) == 10
@@ -124,7 +124,7 @@ def test_mnist_end_to_end(tmp_path, capsys, mnist_args):
     ]  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
-    rows = ["Unbalanced-Adam", "Unbalanced-MTAdam", "Balanced-Adam", "Unbalanced-imtl-g"]
+    rows = ["Unbalanced-Adam", "Unbalanced-MTAdam", "Balanced-Adam", "Unbalanced-IMTL-G"]
     results = _check_outputs(out, rows, "lossbalance " + " ".join(argv))
     assert results["config"]["loss_form"] == "paper" and results["config"]["test_size"] == 50
     assert all(r["steps"] == 1 for r in results["runs"])
@@ -183,11 +183,11 @@ def test_multimnist_end_to_end(tmp_path, capsys, mnist_args):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "|Δ| left" in printed.replace("\\|", "|")
-    rows = ["Adam", "MTAdam", "imtl", "Adam [left x10]", "MTAdam [left x10]", "imtl [left x10]"]
+    rows = ["Adam", "MTAdam", "IMTL", "Adam [left x10]", "MTAdam [left x10]", "IMTL [left x10]"]
     command = "lossbalance " + " ".join(argv)
-    results = _check_outputs(out, rows, command, table_rows=["Adam", "MTAdam", "imtl"])
+    results = _check_outputs(out, rows, command, table_rows=["Adam", "MTAdam", "IMTL"])
     assert results["config"]["groups"] == {"original": [1, 1, 1], "left x10": [10, 1, 1]}
-    for method in ("Adam", "MTAdam", "imtl"):
+    for method in ("Adam", "MTAdam", "IMTL"):
         delta = results["abs_delta"][method]
         metrics = results["task_metrics"][method]
         assert delta["left"] == pytest.approx(
@@ -321,9 +321,9 @@ def test_log_dir_writes_term_csv(tmp_path):
     assert files == [
         "Balanced-Adam-seed0.csv",
         "Unbalanced-Adam-seed0.csv",
+        "Unbalanced-IMTL-G-seed0.csv",
         "Unbalanced-MTAdam-seed0.csv",
-        "Unbalanced-imtl-g-seed0.csv",
-        "Unbalanced-uncertainty-seed0.csv",
+        "Unbalanced-Uncertainty-seed0.csv",
     ]
     lines = (logs / "Unbalanced-MTAdam-seed0.csv").read_text().splitlines()
     header = lines[0].split(",")

@@ -227,6 +227,21 @@ def test_a_mix_up_of_data_sets_is_named(verify):
         locate_idx_files("fashion-mnist", SHARED_MNIST, download=False, verify=verify)
 
 
+def test_resume_reads_runs_recorded_under_the_old_row_labels(tmp_path):
+    # rows were once labelled by registry name ("imtl-g [energy]"); such records must
+    # resume under the current label ("IMTL-G [energy]") instead of being trained again
+    from lossbalance.experiments.bench import BenchConfig
+    from lossbalance.experiments.report import config_fingerprint, fingerprinted_settings
+
+    cfg = BenchConfig(benchmarks=["energy"])
+    fingerprint, settings = config_fingerprint(cfg), fingerprinted_settings(cfg)
+    run = {"group": "energy", "row": "imtl-g [energy]", "seed": 0, "final": {"x": 1.0}}
+    append_checkpoint(tmp_path, fingerprint, dict(run, history=[]), settings=settings)
+    runs = load_previous_runs(tmp_path, fingerprint, settings=settings)
+    assert list(runs) == ["energy|IMTL-G [energy]|0"]
+    assert runs["energy|IMTL-G [energy]|0"]["row"] == "IMTL-G [energy]"
+
+
 def test_bench_resume_reuses_runs_recorded_with_another_list_of_benchmarks(tmp_path):
     # the bench keys each run by its benchmark: a folder trained with --benchmarks toy energy
     # must resume under --benchmarks toy energy multimnist (the list used to be fingerprinted)

@@ -25,7 +25,7 @@ def test_the_default_rows_hold_a_loss_level_and_a_gradient_level_balancer():
 def test_lessons_follow_the_numbers():
     final = table(
         Balanced_Adam=96.0, Unbalanced_Adam=90.0, Unbalanced_MTAdam=93.0,
-        Unbalanced_uncertainty=89.0, Unbalanced_imtl_g=94.5,
+        Unbalanced_Uncertainty=89.0, Unbalanced_IMTL_G=94.5,
     )  # fmt: skip
     early = table(Unbalanced_MTAdam=88.0, Unbalanced_Adam=60.0)
     said = lessons(final, early, epochs=40)
@@ -35,9 +35,9 @@ def test_lessons_follow_the_numbers():
     )
     assert f"ahead of unbalanced Adam after {EARLY_EPOCH} epochs (88.0% against 60.0%)" in said[1]
     assert "ends at 93.0%, 3.0 points below balanced Adam" in said[1]
-    assert "imtl-g wins back 75% of the points the weights cost" in said[2]
+    assert "IMTL-G wins back 75% of the points the weights cost" in said[2]
 
-    final["Unbalanced-imtl-g"]["mean"] = 80.0
+    final["Unbalanced-IMTL-G"]["mean"] = 80.0
     early["Unbalanced-MTAdam"]["mean"] = 50.0
     said = lessons(final, early, epochs=40)
     assert "behind unbalanced Adam" in said[1]

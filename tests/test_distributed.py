@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lossbalance
-from lossbalance._distributed import resolve_group, world_size
+from lossbalance.engine._distributed import resolve_group, world_size
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -171,7 +171,7 @@ def test_backward_validates_process_group():
 def test_graddrop_feature_mode_raises_under_distributed(monkeypatch):
     # raised before any collective (from the configuration alone), so every rank raises
     # the same error instead of waiting for the others; nothing is written
-    import lossbalance._backward as backward_module
+    import lossbalance.engine._backward as backward_module
 
     monkeypatch.setattr(backward_module, "resolve_group", lambda group: object())
     torch.manual_seed(0)

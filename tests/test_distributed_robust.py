@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lossbalance._distributed import LAYOUT_SIZE, check_layout, layout_of
+from lossbalance.engine._distributed import LAYOUT_SIZE, check_layout, layout_of
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

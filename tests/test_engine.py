@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 import lossbalance
-import lossbalance._engine as engine
-import lossbalance._vjp as vjp
+import lossbalance.engine._engine as engine
+import lossbalance.engine._vjp as vjp
 from lossbalance import LossBalanceWarning, term_grads, term_gramian
 
 MODES = ("exact", "batched", "gramian")
@@ -422,17 +422,17 @@ def test_gramian_mode_never_stacks_k_gradients(dtype, device):
     w = torch.randn(50, dtype=dtype, device=device, requires_grad=True)
     losses = [(w * (i + 1)).sin().sum() for i in range(6)]
     calls = {"n": 0}
-    original = engine._per_term
+    original = engine.per_term
 
     def spy(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    engine._per_term = spy
+    engine.per_term = spy
     try:
         gram = term_gramian(losses, [w], mode="gramian", retain_graph=True)
     finally:
-        engine._per_term = original
+        engine.per_term = original
     assert calls["n"] == 0
     torch.testing.assert_close(gram, reference_gramian(losses, [w]), **tol(dtype))
 

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 import lossbalance
-import lossbalance._autogram
-import lossbalance._engine as engine
-import lossbalance._vjp as vjp
+import lossbalance.engine._autogram
+import lossbalance.engine._engine as engine
+import lossbalance.engine._vjp as vjp
 from lossbalance import LossBalanceWarning, MTAdam, term_grads
 
 K = 3
@@ -335,7 +335,7 @@ def test_gramian_fallback_warning_has_one_line(device, dtype, monkeypatch):
     def engine_fails(*args, **kwargs):
         raise RuntimeError(CPP_ERROR)
 
-    monkeypatch.setattr(lossbalance._autogram, "autogram", engine_fails)
+    monkeypatch.setattr(lossbalance.engine._autogram, "autogram", engine_fails)
     with pytest.warns(LossBalanceWarning, match="fell back to mode='exact'") as record:
         lossbalance.backward(
             terms(model(x)), lossbalance.create("imtl-g", K), model, mode="gramian"

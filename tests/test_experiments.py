@@ -506,3 +506,28 @@ def test_write_report_contents(tmp_path, digits):
 
     for name in ("metrics.png", "magnitudes.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_row_labels_follow_the_papers_and_name_their_method():
+    # one scheme everywhere: the papers' spellings, with or without the weighting prefix
+    import lossbalance
+    from lossbalance.experiments.methods import LABELS, method_names
+
+    assert resolve_method("imtl-g", weighted=True).label == "Unbalanced-IMTL-G"
+    assert resolve_method("nash-mtl", weighted=False).label == "Nash-MTL"
+    assert resolve_method("balanced-imtl-g", weighted=True).label == "Balanced-IMTL-G"
+    for name in lossbalance.available_methods():
+        assert name in LABELS, f"{name} has no row label"
+        if name in method_names():
+            # a label is itself a valid --methods name, naming the same method
+            assert resolve_method(LABELS[name], weighted=False).base == name
+
+
+def test_recorded_rows_are_read_under_the_current_labels():
+    from lossbalance.experiments.methods import canonical_row
+
+    assert canonical_row("Unbalanced-imtl-g") == "Unbalanced-IMTL-G"
+    assert canonical_row("nash-mtl [mnist]") == "Nash-MTL [mnist]"
+    assert canonical_row("Balanced-Adam") == "Balanced-Adam"
+    assert canonical_row("MTAdam (i) no normalization") == "MTAdam (i) no normalization"
+    assert canonical_row("IMTL-G [toy]") == "IMTL-G [toy]"

@@ -1,4 +1,4 @@
-"""The fused element-wise MTAdam update (`lossbalance._fused`): its eager reference against
+"""The fused element-wise MTAdam update (`lossbalance.optim._fused`): its eager reference against
 the multi-tensor update (`functional.mtadam`, whose in-place path is `_scaled_moments`), and
 the compiled function (inductor: C++ on the CPU, Triton on CUDA) against the reference."""
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-import lossbalance._mtadam as _mtadam
-from lossbalance import LossBalanceWarning, MTAdam, _fused
+import lossbalance.optim._mtadam as _mtadam
+from lossbalance import LossBalanceWarning, MTAdam
 from lossbalance.functional import mtadam
+from lossbalance.optim import _fused
 
 SHAPES = [(5, 4), (5,), (2, 3, 3), (1,)]
 NUM = 3

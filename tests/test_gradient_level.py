@@ -32,7 +32,6 @@ from lossbalance import (
     MGDAClosedForm,
     PCGrad,
 )
-from lossbalance._pcgrad import _orders, _pcgrad_coefficients
 from lossbalance.functional import (
     grad_normalization_weights,
     grad_normalization_weights_from_gramian,
@@ -49,6 +48,7 @@ from lossbalance.functional import (
     pcgrad_weights,
     pcgrad_weights_from_gramian,
 )
+from lossbalance.methods._pcgrad import _orders, _pcgrad_coefficients
 
 F64 = torch.float64
 # Same switch as conftest.py: the K x K math is float64 whatever the device.

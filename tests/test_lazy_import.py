@@ -57,3 +57,40 @@ def test_the_lazy_table_is_the_type_checkers_view_and_every_name_resolves():
 def test_the_registry_holds_every_method_in_a_fresh_process():
     names = run("import lossbalance; print(' '.join(lossbalance.available_methods()))").split()
     assert len(names) >= 30 and {"mtadam", "imtl-g", "upgrad", "famo", "moco"} <= set(names)
+
+
+def test_list_does_not_import_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from lossbalance.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    main(['list'])\n"
+        "print('torch' in sys.modules, 'nash-mtl' in buf.getvalue())\n"
+    )
+    assert run(code).split() == ["False", "True"]
+
+
+def test_the_catalog_of_list_is_the_live_registry():
+    from lossbalance._catalog import BUILTIN_METHODS
+
+    lossbalance._import_all()
+    live = tuple(
+        (m.name, m.needs, m.stateful, m.paper, m.summary)
+        for m in map(lossbalance.get_method, lossbalance.available_methods())
+    )
+    assert BUILTIN_METHODS == live
+
+
+def test_the_experiments_package_is_lazy_and_complete():
+    import lossbalance.experiments as ex
+
+    tree = ast.parse(Path(ex.__file__).read_text())
+    (guard,) = [n for n in tree.body if isinstance(n, ast.If)]
+    seen = {a.name: n.module for n in guard.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert seen == ex._EXPORTS and set(ex.__all__) == set(ex._EXPORTS)
+    for name in ex.__all__:
+        assert getattr(ex, name) is not None
+    assert run(
+        "import sys, lossbalance.experiments.methods; print('torch' in sys.modules)"
+    ).split() == ["False"]

@@ -23,8 +23,8 @@ from lossbalance import (
     UncertaintyWeighting,
     Uniform,
 )
-from lossbalance._dwa import dwa_weights
-from lossbalance._gls import gls_loss
+from lossbalance.methods._dwa import dwa_weights
+from lossbalance.methods._gls import gls_loss
 
 K = 3
 

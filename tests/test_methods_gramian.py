@@ -34,7 +34,6 @@ from lossbalance import (
     NashMTL,
     UPGrad,
 )
-from lossbalance._upgrad import dual_cone_projection, gramian_factor
 from lossbalance.functional import (
     aligned_mtl_weights,
     aligned_mtl_weights_from_gramian,
@@ -51,6 +50,7 @@ from lossbalance.functional import (
     upgrad_weights,
     upgrad_weights_from_gramian,
 )
+from lossbalance.methods._upgrad import dual_cone_projection, gramian_factor
 
 F64 = torch.float64
 DEVICE = torch.device(os.environ.get("LOSSBALANCE_TEST_DEVICE", "cpu"))
@@ -757,7 +757,7 @@ def test_methods_through_backward(name: str) -> None:
 def test_fair_fixed_point_converges_on_ill_conditioned_gramians() -> None:
     # Regression: Armijo on F alone stalled where F no longer resolves progress (residual
     # 1e-11 .. 1e-9 on cond(G) ~ 1e2 .. 1e9) and the solver warned "approximate".
-    from lossbalance._fairgrad import fair_fixed_point
+    from lossbalance.methods._fairgrad import fair_fixed_point
 
     rng = np.random.default_rng(0)
     for trial in range(60):

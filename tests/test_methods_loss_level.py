@@ -20,13 +20,13 @@ import torch
 
 import lossbalance
 from lossbalance import LossBalanceWarning
-from lossbalance._encodec import EnCodecBalancer, encodec_weights
-from lossbalance._excess_mtl import ExcessMTL, excess_risks
-from lossbalance._famo import FAMO, famo_logit_grad
-from lossbalance._metabalance import MetaBalance
 from lossbalance._registry import create, get_method
-from lossbalance._rlw import RandomLossWeighting, rlw_weights
-from lossbalance._stch import STCH, stch_loss
+from lossbalance.methods._encodec import EnCodecBalancer, encodec_weights
+from lossbalance.methods._excess_mtl import ExcessMTL, excess_risks
+from lossbalance.methods._famo import FAMO, famo_logit_grad
+from lossbalance.methods._metabalance import MetaBalance
+from lossbalance.methods._rlw import RandomLossWeighting, rlw_weights
+from lossbalance.methods._stch import STCH, stch_loss
 
 F64 = torch.float64
 

@@ -24,16 +24,16 @@ from torch import nn
 
 import lossbalance
 from lossbalance import LossBalanceWarning
-from lossbalance._dbmtl import DBMTL, db_mtl_step
-from lossbalance._graddrop import GradDrop, graddrop
-from lossbalance._gradvac import GradVac, gradvac_weights
-from lossbalance._moco import MoCo
-from lossbalance._modo import MoDo
-from lossbalance._pcgrad import pcgrad_weights
-from lossbalance._sdmgrad import SDMGrad
 from lossbalance._validation import reset_warnings
-from lossbalance._vector import cross_gramian, project_simplex
 from lossbalance.functional import mgda_weights
+from lossbalance.methods._dbmtl import DBMTL, db_mtl_step
+from lossbalance.methods._graddrop import GradDrop, graddrop
+from lossbalance.methods._gradvac import GradVac, gradvac_weights
+from lossbalance.methods._moco import MoCo
+from lossbalance.methods._modo import MoDo
+from lossbalance.methods._pcgrad import pcgrad_weights
+from lossbalance.methods._sdmgrad import SDMGrad
+from lossbalance.methods._vector import cross_gramian, project_simplex
 
 F64 = torch.float64
 

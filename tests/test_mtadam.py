@@ -413,7 +413,7 @@ def test_checkpoint_resume_is_bit_identical(dtype, options):
 def test_resume_in_a_new_process_keeps_the_auto_grad_mode(monkeypatch, chosen):
     # grad_mode="auto" times the modes once per process; the checkpoint records the choice
     # so that a resumed run computes its per-term gradients the same way (bit-identical)
-    from lossbalance import _vjp
+    from lossbalance.engine import _vjp
 
     data = batches(12, torch.float32)
     _vjp.clear_choices()
@@ -763,7 +763,7 @@ def test_sparse_gradients_are_rejected():
 
 def _pretend_capturing(monkeypatch):
     # the branch step() takes while a CUDA graph is being captured, exercised on the CPU
-    import lossbalance._mtadam as mtadam_module
+    import lossbalance.optim._mtadam as mtadam_module
 
     monkeypatch.setattr(mtadam_module, "_is_capturing", lambda device: True)
 
@@ -784,7 +784,7 @@ def _pretend_capturing(monkeypatch):
 def test_capture_path_equals_the_normal_step(options, monkeypatch):
     # the graph-capture branch runs the same device-tensor math (step counter and bias
     # corrections as tensors) and only leaves out the host-side skip bookkeeping
-    import lossbalance._mtadam as mtadam_module
+    import lossbalance.optim._mtadam as mtadam_module
 
     data = batches(8)
     model, twin = make_model(), make_model()
@@ -913,7 +913,7 @@ def test_update_ops_do_not_grow_with_the_number_of_tensors(sync_free):
 @pytest.mark.parametrize("num", [1, 2, 3, 5, 8])
 def test_max_tree_equals_amax(num):
     # the accelerators' pairwise foreach tree of the max over terms (the CPU uses amax)
-    from lossbalance._mtadam import _reduce_terms
+    from lossbalance.optim._mtadam import _reduce_terms
 
     tensors = [torch.randn(num, *shape) for shape in [(3,), (2, 4), (5, 1, 2)]]
     copies = [t.clone() for t in tensors]

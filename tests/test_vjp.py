@@ -1,4 +1,4 @@
-"""Per-term gradient variants of ``lossbalance._vjp`` against the sequential reference."""
+"""Per-term gradient variants of ``lossbalance.engine._vjp`` against the sequential reference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
-import lossbalance._vjp as vjp
+import lossbalance.engine._vjp as vjp
 from lossbalance import LossBalanceWarning
 
 # --------------------------------------------------------------------------- reference

@@ -21,59 +21,58 @@ _EXPORTS: dict[str, str] = {
     "Balancer": "lossbalance._base",
     "GradientBalancer": "lossbalance._base",
     "LossBalancer": "lossbalance._base",
-    "term_grads": "lossbalance._engine",
+    "term_grads": "lossbalance.engine._engine",
     "MethodInfo": "lossbalance._registry",
     "available_methods": "lossbalance._registry",
     "create": "lossbalance._registry",
     "get_method": "lossbalance._registry",
     "register": "lossbalance._registry",
     "LossBalanceWarning": "lossbalance._validation",
-    "MTAdam": "lossbalance._mtadam",
-    "DWA": "lossbalance._dwa",
-    "FAMO": "lossbalance._famo",
-    "GLS": "lossbalance._gls",
-    "DynamicNormalization": "lossbalance._normalization",
-    "InitialLossNormalization": "lossbalance._normalization",
-    "RandomLossWeighting": "lossbalance._rlw",
-    "STCH": "lossbalance._stch",
-    "UncertaintyWeighting": "lossbalance._uncertainty",
-    "FixedWeights": "lossbalance._uniform",
-    "Uniform": "lossbalance._uniform",
-    "AlignedMTL": "lossbalance._aligned_mtl",
-    "CAGrad": "lossbalance._cagrad",
-    "ConFIG": "lossbalance._config",
-    "DBMTL": "lossbalance._dbmtl",
-    "EnCodecBalancer": "lossbalance._encodec",
-    "ExcessMTL": "lossbalance._excess_mtl",
-    "FairGrad": "lossbalance._fairgrad",
-    "GradDrop": "lossbalance._graddrop",
-    "GradNorm": "lossbalance._gradnorm",
-    "GradNormalization": "lossbalance._gradnorm",
-    "GradVac": "lossbalance._gradvac",
-    "IMTL": "lossbalance._imtl",
-    "IMTLG": "lossbalance._imtl",
-    "IMTLL": "lossbalance._imtl",
-    "MetaBalance": "lossbalance._metabalance",
-    "MGDA": "lossbalance._mgda",
-    "MGDAClosedForm": "lossbalance._mgda",
-    "MoCo": "lossbalance._moco",
-    "MoDo": "lossbalance._modo",
-    "NashMTL": "lossbalance._nash_mtl",
-    "PCGrad": "lossbalance._pcgrad",
-    "SDMGrad": "lossbalance._sdmgrad",
-    "DualProj": "lossbalance._upgrad",
-    "UPGrad": "lossbalance._upgrad",
-    "VectorBalancer": "lossbalance._vector",
-    "cross_gramian": "lossbalance._vector",
-    "backward": "lossbalance._backward",
-    "term_gramian": "lossbalance._engine",
-    "Accumulator": "lossbalance._accumulator",
+    "MTAdam": "lossbalance.optim._mtadam",
+    "DWA": "lossbalance.methods._dwa",
+    "FAMO": "lossbalance.methods._famo",
+    "GLS": "lossbalance.methods._gls",
+    "DynamicNormalization": "lossbalance.methods._normalization",
+    "InitialLossNormalization": "lossbalance.methods._normalization",
+    "RandomLossWeighting": "lossbalance.methods._rlw",
+    "STCH": "lossbalance.methods._stch",
+    "UncertaintyWeighting": "lossbalance.methods._uncertainty",
+    "FixedWeights": "lossbalance.methods._uniform",
+    "Uniform": "lossbalance.methods._uniform",
+    "AlignedMTL": "lossbalance.methods._aligned_mtl",
+    "CAGrad": "lossbalance.methods._cagrad",
+    "ConFIG": "lossbalance.methods._config",
+    "DBMTL": "lossbalance.methods._dbmtl",
+    "EnCodecBalancer": "lossbalance.methods._encodec",
+    "ExcessMTL": "lossbalance.methods._excess_mtl",
+    "FairGrad": "lossbalance.methods._fairgrad",
+    "GradDrop": "lossbalance.methods._graddrop",
+    "GradNorm": "lossbalance.methods._gradnorm",
+    "GradNormalization": "lossbalance.methods._gradnorm",
+    "GradVac": "lossbalance.methods._gradvac",
+    "IMTL": "lossbalance.methods._imtl",
+    "IMTLG": "lossbalance.methods._imtl",
+    "IMTLL": "lossbalance.methods._imtl",
+    "MetaBalance": "lossbalance.methods._metabalance",
+    "MGDA": "lossbalance.methods._mgda",
+    "MGDAClosedForm": "lossbalance.methods._mgda",
+    "MoCo": "lossbalance.methods._moco",
+    "MoDo": "lossbalance.methods._modo",
+    "NashMTL": "lossbalance.methods._nash_mtl",
+    "PCGrad": "lossbalance.methods._pcgrad",
+    "SDMGrad": "lossbalance.methods._sdmgrad",
+    "DualProj": "lossbalance.methods._upgrad",
+    "UPGrad": "lossbalance.methods._upgrad",
+    "VectorBalancer": "lossbalance.methods._vector",
+    "cross_gramian": "lossbalance.methods._vector",
+    "backward": "lossbalance.engine._backward",
+    "term_gramian": "lossbalance.engine._engine",
+    "Accumulator": "lossbalance.engine._accumulator",
     "TermLogger": "lossbalance._logging",
 }
 
 if TYPE_CHECKING:
     from lossbalance._base import Balancer, GradientBalancer, LossBalancer
-    from lossbalance._engine import term_grads
     from lossbalance._registry import (
         MethodInfo,
         available_methods,
@@ -82,54 +81,55 @@ if TYPE_CHECKING:
         register,
     )
     from lossbalance._validation import LossBalanceWarning
+    from lossbalance.engine._engine import term_grads
 
     # --- optimizer level (MTAdam) ---
     # isort: split
-    from lossbalance._mtadam import MTAdam
+    from lossbalance.optim._mtadam import MTAdam
 
     # --- loss level ---
     # isort: split
-    from lossbalance._dwa import DWA
-    from lossbalance._famo import FAMO
-    from lossbalance._gls import GLS
-    from lossbalance._normalization import DynamicNormalization, InitialLossNormalization
-    from lossbalance._rlw import RandomLossWeighting
-    from lossbalance._stch import STCH
-    from lossbalance._uncertainty import UncertaintyWeighting
-    from lossbalance._uniform import FixedWeights, Uniform
+    from lossbalance.methods._dwa import DWA
+    from lossbalance.methods._famo import FAMO
+    from lossbalance.methods._gls import GLS
+    from lossbalance.methods._normalization import DynamicNormalization, InitialLossNormalization
+    from lossbalance.methods._rlw import RandomLossWeighting
+    from lossbalance.methods._stch import STCH
+    from lossbalance.methods._uncertainty import UncertaintyWeighting
+    from lossbalance.methods._uniform import FixedWeights, Uniform
 
     # --- gradient level ---
     # isort: split
-    from lossbalance._aligned_mtl import AlignedMTL
-    from lossbalance._cagrad import CAGrad
-    from lossbalance._config import ConFIG
-    from lossbalance._dbmtl import DBMTL
-    from lossbalance._encodec import EnCodecBalancer
-    from lossbalance._excess_mtl import ExcessMTL
-    from lossbalance._fairgrad import FairGrad
-    from lossbalance._graddrop import GradDrop
-    from lossbalance._gradnorm import GradNorm, GradNormalization
-    from lossbalance._gradvac import GradVac
-    from lossbalance._imtl import IMTL, IMTLG, IMTLL
-    from lossbalance._metabalance import MetaBalance
-    from lossbalance._mgda import MGDA, MGDAClosedForm
-    from lossbalance._moco import MoCo
-    from lossbalance._modo import MoDo
-    from lossbalance._nash_mtl import NashMTL
-    from lossbalance._pcgrad import PCGrad
-    from lossbalance._sdmgrad import SDMGrad
-    from lossbalance._upgrad import DualProj, UPGrad
-    from lossbalance._vector import VectorBalancer, cross_gramian
+    from lossbalance.methods._aligned_mtl import AlignedMTL
+    from lossbalance.methods._cagrad import CAGrad
+    from lossbalance.methods._config import ConFIG
+    from lossbalance.methods._dbmtl import DBMTL
+    from lossbalance.methods._encodec import EnCodecBalancer
+    from lossbalance.methods._excess_mtl import ExcessMTL
+    from lossbalance.methods._fairgrad import FairGrad
+    from lossbalance.methods._graddrop import GradDrop
+    from lossbalance.methods._gradnorm import GradNorm, GradNormalization
+    from lossbalance.methods._gradvac import GradVac
+    from lossbalance.methods._imtl import IMTL, IMTLG, IMTLL
+    from lossbalance.methods._metabalance import MetaBalance
+    from lossbalance.methods._mgda import MGDA, MGDAClosedForm
+    from lossbalance.methods._moco import MoCo
+    from lossbalance.methods._modo import MoDo
+    from lossbalance.methods._nash_mtl import NashMTL
+    from lossbalance.methods._pcgrad import PCGrad
+    from lossbalance.methods._sdmgrad import SDMGrad
+    from lossbalance.methods._upgrad import DualProj, UPGrad
+    from lossbalance.methods._vector import VectorBalancer, cross_gramian
 
     # --- engine entry point ---
     # isort: split
-    from lossbalance._backward import backward
-    from lossbalance._engine import term_gramian
+    from lossbalance.engine._backward import backward
+    from lossbalance.engine._engine import term_gramian
 
     # --- integration (DDP, AMP, logging) ---
     # isort: split
-    from lossbalance._accumulator import Accumulator
     from lossbalance._logging import TermLogger
+    from lossbalance.engine._accumulator import Accumulator
 
 
 def __getattr__(name: str) -> Any:

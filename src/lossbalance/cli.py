@@ -514,13 +514,15 @@ def _config(args: argparse.Namespace, config_cls: type) -> Any:
 
 
 def _list_methods() -> None:
-    from lossbalance import available_methods, get_method
+    # a static table of the built-in methods: importing them (and torch) takes seconds
+    from lossbalance._catalog import BUILTIN_METHODS
     from lossbalance.experiments.methods import MTADAM_VARIANTS, OPTIMIZERS
 
-    rows = [get_method(n) for n in available_methods()]
+    rows = BUILTIN_METHODS
     header = ("name", "needs", "stateful", "paper", "summary")
     table = [header] + [
-        (m.name, m.needs, "yes" if m.stateful else "no", m.paper, m.summary) for m in rows
+        (name, needs, "yes" if stateful else "no", paper, summary)
+        for name, needs, stateful, paper, summary in rows
     ]
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     _out(f"Registered methods ({len(rows)}):")
@@ -544,6 +546,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a in _COMMANDS for a in argv):  # top-level help, version or a bad command
         _light_parser(prog).parse_args(argv)
+    if argv == ["list"]:  # answered without the experiments' parsers (and torch)
+        _list_methods()
+        return 0
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     command = " ".join([prog, shlex.join(argv)])

@@ -30,10 +30,10 @@ from typing import Any
 
 from torch import Tensor
 
-from lossbalance._backward import backward as balance_backward
 from lossbalance._base import Balancer
-from lossbalance._mtadam import MTAdam
 from lossbalance._validation import as_loss_list
+from lossbalance.engine._backward import backward as balance_backward
+from lossbalance.optim._mtadam import MTAdam
 
 # MultiTermModule is built on first access (module __getattr__ below)
 __all__ = ["MultiTermMixin", "MultiTermModule", "Terms"]  # noqa: F822

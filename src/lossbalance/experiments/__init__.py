@@ -11,9 +11,20 @@ of epochs, loaders, devices or files. Needs the ``cli`` extra (tqdm, matplotlib)
 bars and plots; the demo's digits ship with the package.
 """
 
-from lossbalance.experiments.harness import ExperimentConfig, TrainConfig, run_experiment, train_run
-from lossbalance.experiments.methods import MethodSpec, resolve_methods
-from lossbalance.experiments.report import ExperimentResult, write_report
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lossbalance.experiments.harness import (
+        ExperimentConfig,
+        TrainConfig,
+        run_experiment,
+        train_run,
+    )
+    from lossbalance.experiments.methods import MethodSpec, resolve_methods
+    from lossbalance.experiments.report import ExperimentResult, write_report
 
 __all__ = [
     "ExperimentConfig",
@@ -25,3 +36,29 @@ __all__ = [
     "train_run",
     "write_report",
 ]
+
+# resolved on first use (PEP 562), so that importing a torch-free submodule (methods) does
+# not import the harness and torch
+_EXPORTS = {
+    "ExperimentConfig": "lossbalance.experiments.harness",
+    "TrainConfig": "lossbalance.experiments.harness",
+    "run_experiment": "lossbalance.experiments.harness",
+    "train_run": "lossbalance.experiments.harness",
+    "MethodSpec": "lossbalance.experiments.methods",
+    "resolve_methods": "lossbalance.experiments.methods",
+    "ExperimentResult": "lossbalance.experiments.report",
+    "write_report": "lossbalance.experiments.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

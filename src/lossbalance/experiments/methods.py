@@ -25,9 +25,11 @@ from lossbalance._registry import available_methods, get_method
 
 __all__ = [
     "ABLATIONS",
+    "LABELS",
     "MTADAM_VARIANTS",
     "OPTIMIZERS",
     "MethodSpec",
+    "canonical_row",
     "method_names",
     "registry_balancers",
     "resolve_method",
@@ -56,6 +58,47 @@ MTADAM_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 ABLATIONS = tuple(MTADAM_VARIANTS)
+
+#: row labels of the registry's methods, spelled as their papers spell them. Every label
+#: lower-cased is the registry name, so a label is also a valid ``--methods`` name. A
+#: method registered elsewhere and missing here is labelled by its registry name.
+LABELS: dict[str, str] = {
+    "aligned-mtl": "Aligned-MTL",
+    "cagrad": "CAGrad",
+    "config": "ConFIG",
+    "db-mtl": "DB-MTL",
+    "dualproj": "DualProj",
+    "dwa": "DWA",
+    "dynamic": "Dynamic",
+    "encodec": "EnCodec",
+    "excess-mtl": "Excess-MTL",
+    "fairgrad": "FairGrad",
+    "famo": "FAMO",
+    "fixed": "Fixed",
+    "gls": "GLS",
+    "grad-normalization": "Grad-Normalization",
+    "graddrop": "GradDrop",
+    "gradnorm": "GradNorm",
+    "gradvac": "GradVac",
+    "imtl": "IMTL",
+    "imtl-g": "IMTL-G",
+    "imtl-l": "IMTL-L",
+    "initial-loss": "Initial-Loss",
+    "metabalance": "MetaBalance",
+    "mgda": "MGDA",
+    "mgda-closed-form": "MGDA-Closed-Form",
+    "moco": "MoCo",
+    "modo": "MoDo",
+    "mtadam": "MTAdam",
+    "nash-mtl": "Nash-MTL",
+    "pcgrad": "PCGrad",
+    "rlw": "RLW",
+    "sdmgrad": "SDMGrad",
+    "stch": "STCH",
+    "uncertainty": "Uncertainty",
+    "uniform": "Uniform",
+    "upgrad": "UPGrad",
+}
 
 
 @dataclass(frozen=True)
@@ -145,13 +188,33 @@ def resolve_method(name: str, *, weighted: bool) -> MethodSpec:
                 "which the experiments cannot supply"
             )
         kind = "registry-optimizer" if info.needs == "optimizer" else "balancer"
-        base_label = info.name
+        base_label = LABELS.get(info.name, info.name)
     if weighted:
         label = ("Balanced-" if balanced else "Unbalanced-") + base_label
         canonical = ("balanced-" if balanced else "") + key
     else:
         label, canonical = base_label, key
     return MethodSpec(canonical, label, kind, key, balanced, dict(options))
+
+
+def canonical_row(row: str) -> str:
+    """A recorded row label in the current scheme (:data:`LABELS`).
+
+    Runs recorded before the labels followed the papers' spellings carry the registry name
+    (``"Unbalanced-imtl-g"``, ``"nash-mtl [mnist]"``); ``--resume`` and ``--report-only``
+    read them under the current label, so that old and new records form one row. Labels
+    that are not a registry name (``"Adam"``, the MTAdam ablations) are returned as given.
+    """
+    head, sep, group = row.partition(" [")
+    prefix = ""
+    for p in ("Balanced-", "Unbalanced-"):
+        if head.startswith(p):
+            prefix, head = p, head[len(p) :]
+            break
+    label = LABELS.get(head)
+    if label is None:
+        return row
+    return f"{prefix}{label}{sep}{group}"
 
 
 def resolve_methods(names: Iterable[str], *, weighted: bool) -> list[MethodSpec]:

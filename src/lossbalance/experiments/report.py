@@ -738,6 +738,7 @@ def load_previous_runs(
     skipped.
     """
     from lossbalance.experiments.harness import run_key
+    from lossbalance.experiments.methods import canonical_row
 
     out = Path(out_dir)
     found = problems if problems is not None else []
@@ -787,6 +788,8 @@ def load_previous_runs(
             else:
                 why = settings_diff(item.get("settings"), current)
                 found.append(RecordedElsewhere(where, why))
+    for r in records:
+        r["row"] = canonical_row(r["row"])
     return {run_key(r["group"], r["row"], r["seed"]): _restore_nan(r) for r in records}
 
 
