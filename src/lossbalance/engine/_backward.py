@@ -97,14 +97,19 @@ def backward(
             - ``"batched"``: the same in one vectorised pass (``is_grads_batched``); faster
               for small models, falls back to ``"exact"`` (warned once) where an operation
               has no batching rule.
-            - ``"gramian"``: double backward, one gradient copy at a time (O(P) memory),
-              K create-graph passes + K double-backward passes + one final pass, about
-              3K backward passes in all; falls back to ``"exact"`` (warned once) where an
-              operation has no double backward.
+            - ``"gramian"``: the Gramian built layer by layer from each layer's input and
+              the K output gradients (:mod:`lossbalance.engine._autogram`), never the K
+              gradients of the shared parameters (memory O(P + K x the largest
+              activation)), then one pass of the weighted sum; parameters outside the
+              recognised layers go through exact per-term gradients. Exact mode's result
+              within float64 rounding.
             - ``"feature"``: gradients of ``features``; K passes through the heads only
               and one through the trunk, so its cost hardly grows with K.
-            - ``"auto"`` (default): ``"feature"`` if ``features`` is given, else
-              ``"exact"``.
+            - ``"auto"`` (default): ``"feature"`` if ``features`` is given; else
+              ``"gramian"`` where it can run (one process, a balancer that needs only
+              the Gramian), measured 0.35-0.6x exact mode's time on an MLP and
+              0.83-0.96x on the MNIST CNN (``benchmarks/RESULTS.md``); else ``"exact"``
+              (a balancer that needs the per-term gradients, ``torch.distributed``).
         retain_graph: keep the graph after the last backward pass.
         process_group: under ``torch.distributed``, the ranks' per-term quantities are
             averaged before the balancer runs, so that every rank computes the same weights
@@ -259,7 +264,10 @@ def backward(
                 return _loss_level(items, balancer, retain_graph, scaler)
             return _loss_level_distributed(items, balancer, retain_graph, scaler, group)
         params = shared_params(shared, balancer)
-        mode = vector_mode(balancer, resolve_mode(mode, features), group is not None)
+        gramian_ok = group is None and not _needs_grads(balancer)
+        mode = vector_mode(
+            balancer, resolve_mode(mode, features, gramian=gramian_ok), group is not None
+        )
         zs = as_features(features) if mode == "feature" else []
         if group is None:
             return _gradient_level(items, balancer, params, zs, mode, retain_graph, scaler)
