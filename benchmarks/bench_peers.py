@@ -28,8 +28,14 @@ Before timing, each cell checks that ``lb-gramian`` writes the same ``.grad`` as
 ``lb-exact`` (to 1e-3 of the largest entry: float32 rounding, amplified by PCGrad's
 projections) and stops if not.
 
+Loss level (``--loss-methods``, default uncertainty, dwa, gls; ``none`` skips): ``plain``
+(``sum(losses).backward()``, no balancing), ``lb-backward`` (``lossbalance.backward(losses,
+balancer, trunk)``), ``lb-module`` (``balancer(torch.stack(losses)).backward()``) and
+LibMTL's UW / DWA / GLS weighting, timed the same way.
+
 Targets of issue 18 (printed, never asserted): gramian / autogram <= 0.8, exact / autojac
-<= 0.9, auto / best peer <= 1.0.
+<= 0.9, auto / best peer <= 1.0; loss level: lb-backward / LibMTL <= 1.0 and lb-backward /
+plain <= 1.1.
 
     python benchmarks/bench_peers.py --threads 1 --clock cpu
 """
@@ -67,6 +73,9 @@ PEERS: dict[str, tuple[str, str | None, str | None]] = {
     "config": ("ConFIG", None, None),
 }
 DEFAULT_METHODS = ("imtl-g", "mgda", "pcgrad")
+# loss-level methods: lossbalance name -> LibMTL module
+LOSS_PEERS: dict[str, str] = {"uncertainty": "UW", "dwa": "DWA", "gls": "GLS"}
+LOSS_VARIANTS = ("plain", "lb-backward", "lb-module", "libmtl")
 VARIANTS = ("lb-exact", "lb-gramian", "lb-auto", "tjd-autojac", "tjd-autogram", "libmtl")
 
 
@@ -153,7 +162,7 @@ def libmtl_step(cls: type, net: Net, k: int) -> Callable[[list[Tensor]], Any]:
 
     w = Weighting()
     w.init_param()
-    kwargs = {"mgda_gn": "none", "calpha": 0.5, "rescale": 1}
+    kwargs = {"mgda_gn": "none", "calpha": 0.5, "rescale": 1, "T": 2.0}
     return lambda losses: w.backward(torch.stack(losses), **kwargs)
 
 
@@ -222,6 +231,49 @@ def variants(method: str, net: Net, x: Tensor, ys: Tensor, names: list[str]) -> 
     return {n: f for n, f in fns.items() if n in names}
 
 
+def loss_variants(method: str, net: Net, x: Tensor, ys: Tensor) -> dict[str, Any]:
+    """One step function per loss-level variant (forward, terms, weighted backward)."""
+    k = len(net.heads)
+    balancers = {v: lossbalance.create(method, k) for v in ("lb-backward", "lb-module")}
+
+    def zero() -> None:
+        net.zero_grad(set_to_none=True)
+        for b in balancers.values():
+            b.zero_grad(set_to_none=True)
+
+    def plain() -> Any:
+        zero()
+        _, losses = net(x, ys)
+        torch.stack(losses).sum().backward()
+
+    def lb_backward() -> Any:
+        zero()
+        _, losses = net(x, ys)
+        return lossbalance.backward(losses, balancers["lb-backward"], net.trunk)
+
+    def lb_module() -> Any:
+        zero()
+        _, losses = net(x, ys)
+        balancers["lb-module"](torch.stack(losses)).backward()
+
+    fns: dict[str, Callable[[], Any]] = {
+        "plain": plain,
+        "lb-backward": lb_backward,
+        "lb-module": lb_module,
+    }
+    cls = load_libmtl(LOSS_PEERS[method])
+    if cls is not None:
+        run = libmtl_step(cls, net, k)
+
+        def libmtl() -> Any:
+            zero()
+            _, losses = net(x, ys)
+            return run(losses)
+
+        fns["libmtl"] = libmtl
+    return fns
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -262,16 +314,22 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--models", default="mlp,cnn")
     p.add_argument("--ks", default=",".join(map(str, KS)))
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="or 'all'")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="or 'all', 'none'")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--no-memory", action="store_true", help="skip the per-process peaks")
+    p.add_argument(
+        "--loss-methods", default=",".join(LOSS_PEERS), help="loss-level methods, or 'none'"
+    )
     p.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = setup(args)
     if args.child:
         memory_child(args)
         return
-    methods = list(PEERS) if args.methods == "all" else args.methods.split(",")
+    if args.methods in ("all", "none"):
+        methods = list(PEERS) if args.methods == "all" else []
+    else:
+        methods = args.methods.split(",")
     ks = [int(s) for s in args.ks.split(",")]
     if args.quick:
         ks, methods = ks[:1], methods[:1]
@@ -332,25 +390,64 @@ def main() -> None:
                             cells.append(f"{v} {mib(float(out))}")
                         mem_rows.append([k, method, " / ".join(cells)])
         report.add(f"### {model}, batch {args.batch}", "")
-        report.table(
-            [
-                "K",
-                "method",
-                "median ms per step",
-                "exact / autojac",
-                "gramian / autogram",
-                "gramian / autojac",
-                "auto / best peer",
-                "exact / LibMTL",
-            ],
-            rows,
-        )
+        if rows:
+            report.table(
+                [
+                    "K",
+                    "method",
+                    "median ms per step",
+                    "exact / autojac",
+                    "gramian / autogram",
+                    "gramian / autojac",
+                    "auto / best peer",
+                    "exact / LibMTL",
+                ],
+                rows,
+            )
         if mem_rows:
             report.add("Peak RSS growth over one step (fresh process per cell):", "")
             report.table(["K", "method", "MiB"], mem_rows)
+        loss_methods = [] if args.loss_methods == "none" else args.loss_methods.split(",")
+        loss_rows = []
+        for k in ks:
+            for method in loss_methods:
+                with report.guard(f"{model} K={k} {method} (loss level)"):
+                    net, x, ys = make(model, k, args.batch, args.seed)
+                    times = interleaved(
+                        loss_variants(method, net, x, ys), repeats, args.warmup, device
+                    )
+                    med = {n: 1e3 * sorted(t)[len(t) // 2] for n, t in times.items()}
+
+                    def q(a: str, b: str, times: dict[str, list[float]] = times) -> Any:
+                        return paired(times[a], times[b]) if a in times and b in times else None
+
+                    loss_rows.append(
+                        [
+                            k,
+                            method,
+                            " / ".join(f"{n} {med[n]:.1f}" for n in times),
+                            fmt(q("lb-backward", "plain")),
+                            fmt(q("lb-backward", "libmtl")),
+                            fmt(q("lb-module", "libmtl")),
+                        ]
+                    )
+        if loss_rows:
+            report.add(f"Loss level, {model}, batch {args.batch}:", "")
+            report.table(
+                [
+                    "K",
+                    "method",
+                    "median ms per step",
+                    "lb-backward / plain",
+                    "lb-backward / LibMTL",
+                    "lb-module / LibMTL",
+                ],
+                loss_rows,
+            )
     report.add(
         "Targets (issue 18): gramian / autogram <= 0.8, exact / autojac <= 0.9, auto / best "
-        "peer <= 1.0 at every K.",
+        "peer <= 1.0 at every K; loss level: lb-backward / LibMTL <= 1.0, lb-backward / "
+        "plain <= 1.1.",
         "",
     )
     report.write()
