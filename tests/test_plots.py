@@ -125,3 +125,33 @@ def test_a_single_evaluation_is_said_not_drawn_as_a_curve(tmp_path, figures):
     write_report(result(evals=1), tmp_path, "cmd")
     texts = [t for p in figures["metrics.png"] for t in p["texts"]]
     assert any(t.startswith("one evaluation per run") for t in texts)
+
+
+def test_every_title_fits_in_its_figure(tmp_path, monkeypatch):
+    # a one-panel trace figure is 5 inches wide: a long suptitle ran off both edges
+    from matplotlib.figure import Figure
+
+    cut: list[str] = []
+    real = Figure.savefig
+
+    def check(self, fname, *args, **kwargs):
+        renderer = self.canvas.get_renderer()
+        self.draw(renderer)
+        tight = kwargs.get("bbox_inches") == "tight"
+        box = self.get_tightbbox(renderer) if tight else self.bbox
+        if tight:
+            box = box.transformed(self.dpi_scale_trans)
+        title = self._suptitle
+        if title is not None and title.get_text():
+            ext = title.get_window_extent(renderer)
+            if ext.x0 < box.x0 - 1 or ext.x1 > box.x1 + 1:
+                cut.append(str(fname).rsplit("/", 1)[-1])
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", check)
+    long = result()
+    long.title = "A long experiment title that names its protocol, data set and terms in full"
+    long.rows = ["MTAdam"]
+    long.runs = [r for r in long.runs if r["row"] == "MTAdam"]
+    write_report(long, tmp_path, "cmd")
+    assert not cut, cut

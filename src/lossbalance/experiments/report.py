@@ -545,14 +545,26 @@ def plot_traces(result: ExperimentResult, path: str | Path, key: str = "weights"
     handles, labels = axes.flat[0].get_legend_handles_labels()
     ncol = min(10 if cols > 1 else 5, len(labels))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
-    fig.suptitle(f"{result.title}: {what} over training (each row's first seed)", fontsize=9)
+    title = _wrapped(f"{result.title}: {what} over training (each row's first seed)", fig, 9)
+    fig.suptitle(title, fontsize=9)
     legend_rows = math.ceil(len(labels) / max(1, ncol))
-    fig.tight_layout(rect=(0, min(0.3, 0.04 * legend_rows / nrows + 0.02), 1, 0.95))
+    top = 0.95 - 0.04 * title.count("\n") / nrows
+    fig.tight_layout(rect=(0, min(0.3, 0.04 * legend_rows / nrows + 0.02), 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _wrapped(text: str, fig: Any, fontsize: float) -> str:
+    """``text`` broken into lines that fit the figure's width (a one-panel figure is about
+    5 inches wide; a title that names the experiment in full is wider)."""
+    import textwrap
+
+    # an average character is about 0.6 em wide
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    return textwrap.fill(text, chars, break_on_hyphens=False)
 
 
 def encode_images(images: Any) -> dict[str, Any]:
