@@ -155,3 +155,28 @@ def test_every_title_fits_in_its_figure(tmp_path, monkeypatch):
     long.runs = [r for r in long.runs if r["row"] == "MTAdam"]
     write_report(long, tmp_path, "cmd")
     assert not cut, cut
+
+
+def test_a_trace_legend_names_every_term_of_the_widest_panel(tmp_path, monkeypatch):
+    # the bench draws 2-term and 10-term runs in one figure: the legend came from the first
+    # panel (2 names) and unnamed terms were numbered from 0 ("term 2" twice)
+    from matplotlib.figure import Figure
+
+    legends: dict[str, list[str]] = {}
+    real = Figure.savefig
+
+    def record(self, fname, *args, **kwargs):
+        legends[str(fname).rsplit("/", 1)[-1]] = [t.get_text() for t in self.legends[0].texts]
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    res = result()
+    wide = dict(res.runs[2], row="MTAdam [ten]", group="ten")
+    wide["trace"] = dict(
+        wide["trace"], magnitudes=[[1.0 + i for i in range(10)] for _ in range(10)]
+    )
+    res.runs.append(wide)
+    res.rows.append("MTAdam [ten]")
+    write_report(res, tmp_path, "cmd")
+    names = legends["magnitudes.png"]
+    assert names == ["a", "b", *[f"term {i}" for i in range(3, 11)]]

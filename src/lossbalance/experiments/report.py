@@ -534,7 +534,8 @@ def plot_traces(result: ExperimentResult, path: str | Path, key: str = "weights"
         ax.axis("off")
     for ax, (row, run), (steps, values) in zip(axes.flat, panels, series, strict=False):
         for i in range(values.shape[1]):
-            name = result.term_names[i] if i < len(result.term_names) else f"term {i}"
+            # term names count from 1 ("term 1", "term 2"), so do the unnamed ones
+            name = result.term_names[i] if i < len(result.term_names) else f"term {i + 1}"
             ax.plot(steps, values[:, i], label=name, linewidth=1)
         if log:
             ax.set_yscale("log")
@@ -542,7 +543,12 @@ def plot_traces(result: ExperimentResult, path: str | Path, key: str = "weights"
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(True, alpha=0.3)
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    # the legend of the panel with the most terms (benchmarks of 2 and of 10 terms share
+    # one figure in `lossbalance bench`)
+    handles, labels = max(
+        (ax.get_legend_handles_labels() for ax in axes.flat[: len(panels)]),
+        key=lambda pair: len(pair[1]),
+    )
     ncol = min(10 if cols > 1 else 5, len(labels))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7)
     title = _wrapped(f"{result.title}: {what} over training (each row's first seed)", fig, 9)
