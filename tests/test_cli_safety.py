@@ -261,3 +261,21 @@ def test_bench_resume_reuses_runs_recorded_with_another_list_of_benchmarks(tmp_p
     )
     assert list(runs) == ["energy|A|0"]
     assert len(problems) == 1 and "lr 0.5 -> 0.001" in problems[0].why
+
+
+def test_a_run_of_some_rows_keeps_the_other_recorded_rows(tmp_path):
+    # a --resume with fewer --methods (or --benchmarks) used to write a results.json of its
+    # own rows only and delete the checkpoint: the other recorded runs were lost
+    out = tmp_path / "demo"
+    tiny = ["demo", "--seeds", "1", "--epochs", "1", "--max-batches", "2", "--quiet"]
+    tiny += ["--no-plots", "--out", str(out)]
+    assert main([*tiny, "--methods", "adam", "mtadam"]) == 0
+    assert main([*tiny, "--methods", "adam", "--resume"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {r["row"] for r in data["runs"]} == {"Unbalanced-Adam"}
+    lines = (out / CHECKPOINT).read_text().splitlines()
+    assert [json.loads(line)["run"]["row"] for line in lines] == ["Unbalanced-MTAdam"]
+    # and a later run of both rows reports both without training either again
+    assert main([*tiny, "--methods", "adam", "mtadam", "--report-only"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    assert {r["row"] for r in data["runs"]} == {"Unbalanced-Adam", "Unbalanced-MTAdam"}

@@ -578,6 +578,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         config_fingerprint,
         fingerprinted_settings,
         load_previous_runs,
+        rewrite_checkpoint,
         write_report,
     )
 
@@ -714,6 +715,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         return 130
     finally:
         harness.set_first_steps_hook(None)
+    # Recorded runs with these settings that this report does not show (other rows or
+    # benchmarks than --methods / --benchmarks chose) would be lost with the old
+    # results.json: they stay in the checkpoint, which a later --resume reads.
+    shown = {harness.run_key(r.get("group"), r["row"], r["seed"]) for r in result.runs}
+    kept = [r for key, r in previous.items() if key not in shown]
+    if kept and not args.report_only:
+        rewrite_checkpoint(out, fingerprint, kept, settings)
+        _out(
+            f"Kept {len(kept)} recorded run(s) that this report does not show in "
+            f"{out / CHECKPOINT} (rerun with --resume and their rows or benchmarks to "
+            "report them)"
+        )
     paths = write_report(
         result,
         out,
@@ -721,7 +734,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "lossbalance") -> int:
         plots=not args.no_plots,
         fingerprint=fingerprint,
         settings=settings,
-        keep_checkpoint=args.report_only,
+        keep_checkpoint=args.report_only or bool(kept),
     )
     if args.command == "bench" and not args.no_plots:
         paths += bench.write_plots(result, out)

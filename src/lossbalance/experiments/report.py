@@ -41,6 +41,7 @@ __all__ = [
     "plot_traces",
     "protocol_cut",
     "protocol_note",
+    "rewrite_checkpoint",
     "summarize",
     "timing_note",
     "to_jsonable",
@@ -694,6 +695,31 @@ def _restore_nan(record: dict[str, Any]) -> dict[str, Any]:
     record["final"] = fix(record["final"])
     record["history"] = [fix(h) for h in record["history"]]
     return record
+
+
+def rewrite_checkpoint(
+    out_dir: str | Path,
+    fingerprint: str,
+    records: Sequence[dict[str, Any]],
+    settings: Mapping[str, Any] | None = None,
+) -> None:
+    """Replace ``out_dir/runs.jsonl`` by ``records`` (written to a temporary file in the
+    folder, then renamed over it: a kill leaves the old checkpoint or the new one)."""
+    path = Path(out_dir) / CHECKPOINT
+    lines = []
+    for record in records:
+        item: dict[str, Any] = {"fingerprint": fingerprint, "run": record}
+        if settings is not None:
+            item["settings"] = settings
+        lines.append(json.dumps(to_jsonable(item), allow_nan=False) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".runs-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def append_checkpoint(
