@@ -218,17 +218,27 @@ def variants(method: str, net: Net, x: Tensor, ys: Tensor, names: list[str]) -> 
             return weights
 
         fns["tjd-autogram"] = autogram
-    cls = load_libmtl(libmtl_name) if libmtl_name is not None else None
-    if cls is not None:
-        run = libmtl_step(cls, net, k)
-
-        def libmtl() -> Any:
-            zero()
-            _, losses = net(x, ys)
-            return run(losses)
-
-        fns["libmtl"] = libmtl
+    step = libmtl_variant(libmtl_name, net, x, ys, zero)
+    if step is not None:
+        fns["libmtl"] = step
     return {n: f for n, f in fns.items() if n in names}
+
+
+def libmtl_variant(
+    name: str | None, net: Net, x: Tensor, ys: Tensor, zero: Callable[[], None]
+) -> Callable[[], Any] | None:
+    """LibMTL's weighting ``name`` as one step function (None where it is not installed)."""
+    cls = load_libmtl(name) if name is not None else None
+    if cls is None:
+        return None
+    run = libmtl_step(cls, net, len(net.heads))
+
+    def libmtl() -> Any:
+        zero()
+        _, losses = net(x, ys)
+        return run(losses)
+
+    return libmtl
 
 
 def loss_variants(method: str, net: Net, x: Tensor, ys: Tensor) -> dict[str, Any]:
@@ -261,16 +271,9 @@ def loss_variants(method: str, net: Net, x: Tensor, ys: Tensor) -> dict[str, Any
         "lb-backward": lb_backward,
         "lb-module": lb_module,
     }
-    cls = load_libmtl(LOSS_PEERS[method])
-    if cls is not None:
-        run = libmtl_step(cls, net, k)
-
-        def libmtl() -> Any:
-            zero()
-            _, losses = net(x, ys)
-            return run(losses)
-
-        fns["libmtl"] = libmtl
+    step = libmtl_variant(LOSS_PEERS[method], net, x, ys, zero)
+    if step is not None:
+        fns["libmtl"] = step
     return fns
 
 

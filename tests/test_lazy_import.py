@@ -44,11 +44,15 @@ def test_the_light_parser_lists_every_command_of_the_full_one():
     assert commands(cli._light_parser("lossbalance")) == commands(cli.build_parser())
 
 
-def test_the_lazy_table_is_the_type_checkers_view_and_every_name_resolves():
-    tree = ast.parse(INIT.read_text())
+def type_checking_imports(path: Path) -> dict[str, str | None]:
+    """name -> module of the ``if TYPE_CHECKING:`` imports of a lazy ``__init__``."""
+    tree = ast.parse(path.read_text())
     (guard,) = [n for n in tree.body if isinstance(n, ast.If)]  # if TYPE_CHECKING:
-    seen = {a.name: n.module for n in guard.body if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert seen == lossbalance._EXPORTS
+    return {a.name: n.module for n in guard.body if isinstance(n, ast.ImportFrom) for a in n.names}
+
+
+def test_the_lazy_table_is_the_type_checkers_view_and_every_name_resolves():
+    assert type_checking_imports(INIT) == lossbalance._EXPORTS
     assert set(lossbalance.__all__) == {*lossbalance._EXPORTS, "__version__"}
     for name in lossbalance._EXPORTS:
         assert getattr(lossbalance, name) is not None
@@ -85,10 +89,8 @@ def test_the_catalog_of_list_is_the_live_registry():
 def test_the_experiments_package_is_lazy_and_complete():
     import lossbalance.experiments as ex
 
-    tree = ast.parse(Path(ex.__file__).read_text())
-    (guard,) = [n for n in tree.body if isinstance(n, ast.If)]
-    seen = {a.name: n.module for n in guard.body if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert seen == ex._EXPORTS and set(ex.__all__) == set(ex._EXPORTS)
+    assert type_checking_imports(Path(ex.__file__)) == ex._EXPORTS
+    assert set(ex.__all__) == set(ex._EXPORTS)
     for name in ex.__all__:
         assert getattr(ex, name) is not None
     assert run(

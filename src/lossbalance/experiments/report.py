@@ -703,23 +703,18 @@ def rewrite_checkpoint(
     records: Sequence[dict[str, Any]],
     settings: Mapping[str, Any] | None = None,
 ) -> None:
-    """Replace ``out_dir/runs.jsonl`` by ``records`` (written to a temporary file in the
-    folder, then renamed over it: a kill leaves the old checkpoint or the new one)."""
-    path = Path(out_dir) / CHECKPOINT
-    lines = []
-    for record in records:
-        item: dict[str, Any] = {"fingerprint": fingerprint, "run": record}
-        if settings is not None:
-            item["settings"] = settings
-        lines.append(json.dumps(to_jsonable(item), allow_nan=False) + "\n")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".runs-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Replace ``out_dir/runs.jsonl`` by ``records``, atomically (:func:`write_text_atomic`)."""
+    lines = [_checkpoint_line(fingerprint, r, settings) for r in records]
+    write_text_atomic(Path(out_dir) / CHECKPOINT, "".join(lines))
+
+
+def _checkpoint_line(
+    fingerprint: str, record: dict[str, Any], settings: Mapping[str, Any] | None
+) -> str:
+    item: dict[str, Any] = {"fingerprint": fingerprint, "run": record}
+    if settings is not None:
+        item["settings"] = settings
+    return json.dumps(to_jsonable(item), allow_nan=False) + "\n"
 
 
 def append_checkpoint(
@@ -737,10 +732,7 @@ def append_checkpoint(
     """
     path = Path(out_dir) / CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
-    item: dict[str, Any] = {"fingerprint": fingerprint, "run": record}
-    if settings is not None:
-        item["settings"] = settings
-    line = json.dumps(to_jsonable(item), allow_nan=False) + "\n"
+    line = _checkpoint_line(fingerprint, record, settings)
     with path.open("ab") as f:
         if f.tell() > 0:
             with path.open("rb") as r:

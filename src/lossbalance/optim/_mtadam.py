@@ -18,13 +18,14 @@ from lossbalance._validation import (
     check_positive,
     warn_once,
 )
+from lossbalance.engine import _vjp
 from lossbalance.engine._distributed import (
     all_reduce_mean_and_sum,
     check_layout,
     layout_of,
     resolve_group,
 )
-from lossbalance.engine._engine import GRAD_MODES, term_grads
+from lossbalance.engine._engine import GRAD_MODES, auto_key, term_grads
 from lossbalance.engine._fsdp import is_sharded, local, per_term_backward, shard_like, sharded_zeros
 from lossbalance.optim._fused import fused_available, fused_update
 
@@ -1291,9 +1292,6 @@ def _resolved_auto_mode(params: list[Tensor], num_terms: int) -> str | None:
     """The mode that ``term_grads(mode="auto")`` uses for these parameters and K."""
     if num_terms <= 1:
         return "sequential"
-    from lossbalance.engine import _vjp
-    from lossbalance.engine._engine import auto_key
-
     return _vjp.cached_choice(auto_key(params, num_terms))
 
 
